@@ -1,0 +1,3 @@
+"""gconn: a TCP connection router daemon on gevent greenlets."""
+
+__version__ = "0.1.0"

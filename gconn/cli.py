@@ -1,0 +1,92 @@
+"""Entry points: monkey-patch first, parse the configuration, then dispatch.
+
+Bad configuration exits 2 with one line naming file, line, key, value and what is allowed; an
+environment that refuses (address in use, permission denied) exits 1 with one line; neither
+prints a traceback.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()  # before anything below imports socket, ssl, threading or time
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+import gevent  # noqa: E402
+
+from . import log  # noqa: E402
+from .config import load  # noqa: E402
+from .errors import EXIT_CONFIG, EXIT_RUNTIME, ConfigError, Exit, StartupError  # noqa: E402
+from .sockets import raise_open_files_limit  # noqa: E402
+from .supervisor import Supervisor, capacity, worker_count, workers_needed  # noqa: E402
+
+LOGGER = logging.getLogger("gconn")
+LIBEV_BACKENDS = ("epoll", "poll", "select")
+
+
+def select_loop(config):
+    """Make gevent use the configured event loop; ConfigError if this host cannot."""
+    choice = config.process.loop
+    source = config.values["gconn"]["loop"].source
+    try:
+        if choice == "libuv":
+            gevent.config.loop = "libuv"
+        elif choice in LIBEV_BACKENDS:
+            gevent.config.loop = "libev-cext"
+            gevent.config.libev_backend = choice
+        loop = gevent.get_hub().loop
+    except Exception as error:  # gevent raises several kinds for a loop it cannot load
+        raise ConfigError(f"bad value {choice!r}: this host cannot run it ({error})",
+                          source=source, key="loop", section="gconn") from None
+    if choice in LIBEV_BACKENDS and loop.backend != choice:
+        raise ConfigError(f"bad value {choice!r}: libev here offers {loop.backend}, not {choice}",
+                          source=source, key="loop", section="gconn")
+    return loop
+
+
+def describe_capacity(config):
+    """Comment lines for --check-config: workers, descriptor limit, connections they hold."""
+    limit = raise_open_files_limit()
+    workers = worker_count(config)
+    held = capacity(limit, workers)
+    wanted = sum(route.max_connections for route in config.routes)
+    lines = [f"; capacity: {workers} workers x ({limit} open files - reserve) / 2 = {held} "
+             f"forwarded connections; routes ask for {wanted}"]
+    if wanted > held:
+        lines.append(f"; warning: set workers = {workers_needed(wanted, limit)} to reach it")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    """The ``gconn`` command; returns the process exit code."""
+    try:
+        config, options = load(argv)
+        select_loop(config)
+    except ConfigError as error:
+        print(f"gconn: config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    if options.check_config:
+        print(config.render() + describe_capacity(config), end="")
+        return 0
+    try:
+        log.setup(config.process)
+    except OSError as error:
+        print(f"gconn: cannot open log file {error.filename}: {error.strerror}", file=sys.stderr)
+        return EXIT_RUNTIME
+    try:
+        import setproctitle
+        setproctitle.setproctitle("gconn: supervisor " + " ".join(sys.argv[1:]))
+    except ImportError:
+        pass
+    try:
+        return Supervisor(config, argv).run()
+    except StartupError as error:
+        LOGGER.error("%s", error)
+        print(f"gconn: {error}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except Exit as exit_request:
+        if exit_request.message:
+            print(f"gconn: {exit_request.message}", file=sys.stderr)
+        return exit_request.code
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,63 @@
+"""A route's destinations and what is known of each: health, failures, active connections.
+
+This module holds state and its transitions only; it never opens a socket (session.py connects
+and reports back, health checks will write here too).  Times are monotonic seconds passed in
+by the caller so that every transition is testable without waiting.
+"""
+
+from .strategies import STRATEGIES
+
+
+class Destination:
+    """One destination of one route, with the counters a strategy and the admin need."""
+
+    __slots__ = ("address", "backup", "healthy", "failed_until", "active", "last_error",
+                 "connected_total", "failed_total")
+
+    def __init__(self, spec):
+        self.address = spec.address
+        self.backup = spec.backup
+        self.healthy = True  # written by health checks; True until one says otherwise
+        self.failed_until = 0.0  # monotonic time before which a failed destination is skipped
+        self.active = 0  # forwarded connections to it right now
+        self.last_error = None
+        self.connected_total = 0
+        self.failed_total = 0
+
+    def __repr__(self):
+        return f"<Destination {self.address} active={self.active} healthy={self.healthy}>"
+
+    def available(self, now):
+        """Whether a new connection may be sent here at monotonic time ``now``."""
+        return self.healthy and now >= self.failed_until
+
+    def connect_failed(self, now, retry_interval, error):
+        """Record a failed connection attempt: skip it for ``retry_interval`` seconds."""
+        self.failed_until = now + retry_interval
+        self.last_error = error
+        self.failed_total += 1
+
+    def connect_succeeded(self):
+        """Record a successful connection: it is in rotation again, one more active."""
+        self.failed_until = 0.0
+        self.active += 1
+        self.connected_total += 1
+
+    def disconnected(self):
+        """A forwarded connection to this destination ended."""
+        self.active -= 1
+
+
+class RouteDestinations:
+    """A route's destinations, its strategy and its turn counter."""
+
+    def __init__(self, specs, strategy):
+        self.destinations = tuple(Destination(spec) for spec in specs)
+        self.choose = STRATEGIES[strategy]
+        self.turn = 0
+
+    def candidates(self, now):
+        """The destinations to try for one new connection, in order; advances the turn."""
+        chosen = self.choose(self.destinations, self.turn, now)
+        self.turn += 1
+        return chosen

@@ -1,0 +1,60 @@
+"""The error tree of gconn and its named exit codes.
+
+Errors are sorted by whose fault they are (the config's, the client's, the destination's), never
+recognised by their text.  Process exit travels as ``Exit``, a ``BaseException`` carrying a named
+exit code, the way gunicorn's ``HaltServer`` does.  Nothing here does I/O.
+"""
+
+EXIT_OK = 0  # clean exit, including a drained shutdown
+EXIT_RUNTIME = 1  # the environment said no: port in use, permission denied, descriptors
+EXIT_CONFIG = 2  # the configuration is wrong: file, key, value
+
+
+class GconnError(Exception):
+    """Base of every error gconn raises on purpose."""
+
+
+class ConfigError(GconnError):
+    """A setting is wrong: names where it came from, the key, the value and what is allowed."""
+
+    def __init__(self, message, source=None, key=None, section=None):
+        self.source = source  # "path:line", "flag --name", "env GCONN_NAME" or a path
+        self.key = key
+        self.section = section
+        super().__init__(message)
+
+    def __str__(self):
+        where = [part for part in (self.source, f"[{self.section}]" if self.section else None,
+                                   self.key) if part]
+        prefix = ": ".join(where)
+        message = super().__str__()
+        return f"{prefix}: {message}" if prefix else message
+
+
+class StartupError(GconnError):
+    """The environment refused something at start: an address in use, a missing permission."""
+
+
+class ClientAbort(GconnError):
+    """The client went away or misbehaved."""
+
+
+class DestinationUnavailable(GconnError):
+    """A destination refused or reset the connection attempt."""
+
+
+class DestinationTimeout(DestinationUnavailable):
+    """A destination did not answer the connection attempt within connect-timeout."""
+
+
+class NoHealthyDestination(GconnError):
+    """No destination of the route is available for a new connection."""
+
+
+class Exit(BaseException):
+    """Leave the process with ``code``: passes through everything, caught in the entry point."""
+
+    def __init__(self, code, message=None):
+        self.code = code
+        self.message = message
+        super().__init__(code, message)

@@ -1,0 +1,222 @@
+"""The byte pump: moves bytes both ways between two connected sockets, from event-loop callbacks.
+
+Steady-state forwarding runs in libev watcher callbacks on the hub, not in greenlets: a read on
+one side is sent straight on to the other from one shared per-process buffer, so an idle
+connection costs its two sockets and their read watchers, and a busy one allocates nothing per
+chunk unless the receiver is slow.  Then only the unsent remainder is kept, that side stops
+being read (backpressure: gconn buffers at most one chunk per direction) and a write watcher
+waits until the receiver takes more.
+
+Half-close aware: end-of-stream from one side shuts the other side's write half once everything
+before it was delivered, and the other direction carries on until it ends too.  The pump never
+closes sockets: the session owns them.  The session greenlet waits in ``run`` and gets back how
+the connection ended.
+"""
+
+import errno
+import socket
+
+from gevent.hub import Waiter, get_hub
+
+READ = 1  # libev EV_READ
+WRITE = 2  # libev EV_WRITE
+
+_buffers = {}  # size in bytes -> memoryview over one bytearray shared by every pump in the process
+
+
+def _shared_buffer(size):
+    """The process's receive buffer of ``size`` bytes: safe to share, callbacks never switch."""
+    view = _buffers.get(size)
+    if view is None:
+        view = _buffers[size] = memoryview(bytearray(size))
+    return view
+
+
+class _Flow:
+    """One direction: reads ``source``, writes ``target``, keeps at most one unsent chunk."""
+
+    __slots__ = ("pump", "source", "target", "reader", "writer", "pending", "count", "ended",
+                 "from_client")
+
+    def __init__(self, pump, source, target, from_client):
+        self.pump = pump
+        self.source = source
+        self.target = target
+        self.reader = pump.loop.io(source.fileno(), READ)
+        self.writer = None  # made the first time the target cannot take a whole chunk
+        self.pending = None  # bytes read but not yet taken by the target
+        self.count = 0  # bytes forwarded in this direction
+        self.ended = False  # the source sent end-of-stream
+        self.from_client = from_client
+
+    def on_readable(self):
+        """Read one chunk and send it on; keep what the target would not take."""
+        buffer = self.pump.buffer
+        try:
+            received = self.source.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self.pump.fail(self.from_client, error)
+            return
+        if not received:
+            self.reader.stop()
+            self.ended = True
+            self.finish()
+            return
+        self.count += received
+        self.pump.active_at = self.pump.loop.now()
+        try:
+            sent = self.target.send(buffer[:received])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            self.pump.fail(not self.from_client, error)
+            return
+        if sent < received:
+            self.pending = bytes(buffer[sent:received])
+            self.reader.stop()
+            if self.writer is None:
+                self.writer = self.pump.loop.io(self.target.fileno(), WRITE)
+            self.writer.start(self.on_writable)
+
+    def on_writable(self):
+        """Send the kept remainder; once all is taken, read the source again (or end)."""
+        try:
+            sent = self.target.send(self.pending)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self.pump.fail(not self.from_client, error)
+            return
+        if sent < len(self.pending):
+            self.pending = self.pending[sent:]
+            return
+        self.pending = None
+        self.writer.stop()
+        if self.ended:
+            self.finish()
+        else:
+            self.reader.start(self.on_readable)
+
+    def finish(self):
+        """The source ended and all its bytes were delivered: pass the end on (half-close)."""
+        if self.pending is not None:
+            return  # on_writable calls again once the remainder is delivered
+        try:
+            self.target.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            if error.errno != errno.ENOTCONN:
+                self.pump.fail(not self.from_client, error)
+                return
+        self.pump.flow_finished(self)
+
+    def stop(self):
+        """Stop and release this direction's watchers; safe to call more than once."""
+        if self.reader is not None:
+            self.reader.stop()
+            self.reader.close()
+            self.reader = None
+        if self.writer is not None:
+            self.writer.stop()
+            self.writer.close()
+            self.writer = None
+
+
+class Pump:
+    """Forwards between a client and a destination socket until both directions end.
+
+    ``run(idle_timeout)`` blocks the calling greenlet and returns how the connection ended:
+    ``client_closed``, ``destination_closed`` (the side that ended first, cleanly or by reset)
+    or ``idle_timeout``.  An OSError's text is kept in ``error``.  Sockets stay open.
+    """
+
+    __slots__ = ("loop", "buffer", "upstream", "downstream", "active_at", "outcome", "error",
+                 "waiter", "finished", "timer", "idle_timeout")
+
+    def __init__(self, client, destination, buffer_size):
+        self.loop = get_hub().loop
+        self.buffer = _shared_buffer(buffer_size)
+        client.setblocking(False)
+        destination.setblocking(False)
+        raw_client = getattr(client, "_sock", client)  # the OS socket under gevent's wrapper
+        raw_destination = getattr(destination, "_sock", destination)
+        self.upstream = _Flow(self, raw_client, raw_destination, from_client=True)
+        self.downstream = _Flow(self, raw_destination, raw_client, from_client=False)
+        self.active_at = self.loop.now()
+        self.outcome = None
+        self.error = None
+        self.waiter = None
+        self.finished = 0  # directions that ended and were passed on
+        self.timer = None
+        self.idle_timeout = 0
+
+    @property
+    def bytes_up(self):
+        """Bytes forwarded from the client to the destination so far."""
+        return self.upstream.count
+
+    @property
+    def bytes_down(self):
+        """Bytes forwarded from the destination to the client so far."""
+        return self.downstream.count
+
+    @property
+    def half_closed(self):
+        """Whether one direction has ended and the other still flows."""
+        return self.finished == 1
+
+    def run(self, idle_timeout=0):
+        """Forward until both directions end, one side fails or the idle timeout passes."""
+        self.waiter = Waiter()
+        self.idle_timeout = idle_timeout
+        if idle_timeout > 0:
+            self.timer = self.loop.timer(idle_timeout)
+            self.timer.start(self.on_timer)
+        self.upstream.reader.start(self.upstream.on_readable)
+        self.downstream.reader.start(self.downstream.on_readable)
+        try:
+            return self.waiter.get()
+        finally:
+            self.stop()
+
+    def on_timer(self):
+        """Close when no byte moved for idle-timeout; else wait out the rest of it."""
+        quiet = self.loop.now() - self.active_at
+        if quiet >= self.idle_timeout:
+            self.end("idle_timeout")
+        else:
+            self.timer.stop()
+            self.timer.close()
+            self.timer = self.loop.timer(self.idle_timeout - quiet)
+            self.timer.start(self.on_timer)
+
+    def flow_finished(self, flow):
+        """One direction ended cleanly; the first one to end names who closed."""
+        self.finished += 1
+        if self.outcome is None:
+            self.outcome = "client_closed" if flow.from_client else "destination_closed"
+        if self.finished == 2:
+            self.end(self.outcome)
+
+    def fail(self, client_side, error):
+        """A socket error on one side: that side closed the connection; stop both ways."""
+        self.error = f"{'client' if client_side else 'destination'}: " \
+                     f"{error.strerror or error}"
+        self.end("client_closed" if client_side else "destination_closed")
+
+    def end(self, outcome):
+        """Stop forwarding and wake the session greenlet with ``outcome``."""
+        waiter, self.waiter = self.waiter, None
+        self.stop()
+        if waiter is not None:
+            waiter.switch(outcome)
+
+    def stop(self):
+        """Stop every watcher; safe to call more than once."""
+        self.upstream.stop()
+        self.downstream.stop()
+        if self.timer is not None:
+            self.timer.stop()
+            self.timer.close()
+            self.timer = None

@@ -1,0 +1,82 @@
+"""Logging: the daemon's log (every session line carries its connection id) and the access log.
+
+The access log is one line per finished connection, in logfmt (``key=value``, values with
+blanks quoted), so that both people and ``grep``/log shippers read it:
+
+    2026-11-23T13:40:01.123Z conn=7 route=mysql client=127.0.0.1:51234
+    destination=10.0.0.5:3306 bytes_up=120 bytes_down=5321 duration=0.042 end=client_closed
+
+(one line in the log).  ``end`` is one of client_closed, destination_closed, idle_timeout,
+connect_failed, no_destination, shutdown, or ``"error: <text>"``.
+"""
+
+import logging
+import sys
+import time
+
+from .local import ContextFilter
+
+LOGGER = logging.getLogger("gconn")
+ACCESS = logging.getLogger("gconn.access")
+DAEMON_FORMAT = "%(asctime)s %(levelname)s gconn[%(process)d] conn=%(conn)s %(message)s"
+
+
+def _handler(destination):
+    """A handler writing to stderr for ``-``, else appending to the file ``destination``."""
+    if destination == "-":
+        return logging.StreamHandler(sys.stderr)
+    return logging.FileHandler(destination, encoding="utf-8")
+
+
+def setup(process):
+    """Configure the daemon log and the access log from the process settings."""
+    for logger in (LOGGER, ACCESS):
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+    handler = _handler(process.log_file)
+    handler.setFormatter(logging.Formatter(DAEMON_FORMAT))
+    handler.addFilter(ContextFilter())
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(process.log_level.upper())
+    LOGGER.propagate = False
+    ACCESS.propagate = False
+    if process.access_log == "off":
+        ACCESS.disabled = True
+    else:
+        ACCESS.disabled = False
+        access = _handler(process.access_log)
+        access.setFormatter(logging.Formatter("%(message)s"))
+        ACCESS.addHandler(access)
+        ACCESS.setLevel(logging.INFO)
+
+
+def _quoted(value):
+    """A logfmt value: bare when it has no blanks or quotes, else double-quoted."""
+    text = str(value)
+    if not text or any(c in text for c in ' "=\t'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+def format_time(epoch_seconds):
+    """ISO 8601 UTC with milliseconds."""
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_seconds))
+    return f"{whole}.{int(epoch_seconds % 1 * 1000):03d}Z"
+
+
+def access_line(context, end, duration):
+    """The access-log line of a finished connection."""
+    fields = (
+        ("conn", context.id), ("route", context.route), ("client", context.client),
+        ("destination", context.destination or "-"), ("bytes_up", context.bytes_up),
+        ("bytes_down", context.bytes_down), ("duration", f"{duration:.3f}"), ("end", end),
+    )
+    return format_time(context.started) + " " + " ".join(
+        f"{key}={_quoted(value)}" for key, value in fields)
+
+
+def log_access(context, end, duration):
+    """Write the access-log line of a finished connection, if the access log is on."""
+    if not ACCESS.disabled:
+        ACCESS.info(access_line(context, end, duration))

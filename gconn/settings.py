@@ -1,0 +1,330 @@
+"""Every option of gconn, declared once as data, and the small parsers that check their values.
+
+The command-line flags, the ``GCONN_*`` environment variables, the config-file keys, the
+annotated ``conf/gconn.conf`` and README's option table are all derived from ``SETTINGS``.
+Parsers take text and return a value or raise ``ValueError`` saying what is allowed; they never
+touch sockets or files (config.py adds the file, line and key to the message).
+"""
+
+import dataclasses
+import ipaddress
+import re
+
+SECONDS = 1.0
+MILLISECONDS = SECONDS / 1000
+MINUTES = 60 * SECONDS
+HOURS = 60 * MINUTES
+DAYS = 24 * HOURS
+KIB = 1024
+MIB = 1024 * KIB
+
+PROCESS = "process"  # a key of [gconn] only
+ROUTE = "route"  # a key of [route:NAME], or of [gconn] as the default for every route
+ROUTE_ONLY = "route-only"  # a key of [route:NAME] only (where a route listens, where it goes)
+
+STRATEGIES = (
+    "first-available",
+    "next-available",
+    "round-robin",
+    "round-robin-with-fallback",
+    "least-connections",
+)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOOPS = ("default", "epoll", "poll", "select", "libuv")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
+_DURATION_UNITS = {"ms": MILLISECONDS, "s": SECONDS, "m": MINUTES, "h": HOURS, "d": DAYS,
+                   None: SECONDS}
+_SIZE = re.compile(r"^(\d+)\s*([kKmMgG]?)[bB]?$")
+_SIZE_UNITS = {"": 1, "k": KIB, "m": MIB, "g": 1024 * MIB}
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    """Where to listen or connect: ``tcp`` with host and port, or ``unix`` with a path."""
+
+    family: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self):
+        if self.family == "unix":
+            return f"unix:{self.path}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DestinationSpec:
+    """One entry of a route's destination list; ``backup`` ones serve only when no primary can."""
+
+    address: Address
+    backup: bool = False
+
+    def __str__(self):
+        return f"{self.address} backup" if self.backup else str(self.address)
+
+
+def parse_duration(text):
+    """``250ms``, ``5s``, ``2m``, ``8h``, ``1d`` or a plain number of seconds -> float seconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ValueError("expected a duration such as 250ms, 5s, 2m or 8h")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_size(text):
+    """``512``, ``64k``, ``1m`` -> bytes."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise ValueError("expected a size such as 4096, 64k or 1m")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def integer_between(low, high):
+    """A parser for whole numbers from ``low`` to ``high`` inclusive."""
+
+    def parse_integer(text):
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number from {low} to {high}") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a whole number from {low} to {high}")
+        return value
+
+    parse_integer.allowed = f"{low}..{high}"
+    return parse_integer
+
+
+def one_of(choices):
+    """A parser accepting exactly one of ``choices``."""
+
+    def parse_choice(text):
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError("allowed: " + ", ".join(choices))
+        return value
+
+    parse_choice.allowed = " | ".join(choices)
+    return parse_choice
+
+
+def parse_text(text):
+    """Any text, surrounding blanks removed."""
+    return text.strip()
+
+
+def parse_address(text, *, listening=False):
+    """``host:port``, ``[v6]:port`` or ``unix:/path`` -> Address; port 0 only when listening."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path:
+            raise ValueError("expected unix:/path with a path")
+        return Address("unix", path=path)
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if not rest.startswith(":"):
+            raise ValueError("expected [ipv6]:port")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon or not host:
+            raise ValueError("expected host:port, [ipv6]:port or unix:/path")
+    lowest = 0 if listening else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
+        raise ValueError(f"port must be a number from {lowest} to 65535")
+    return Address("tcp", host=host, port=int(port_text))
+
+
+def parse_bind(text):
+    """The listening address of a route."""
+    return parse_address(text, listening=True)
+
+
+def parse_destinations(text):
+    """A comma-separated list of ``host:port`` / ``unix:/path``, each optionally ``backup``."""
+    entries = []
+    for item in text.split(","):
+        words = item.split()
+        if not words:
+            continue
+        backup = len(words) == 2 and words[1].lower() == "backup"
+        if len(words) > 2 or (len(words) == 2 and not backup):
+            raise ValueError(f"{item.strip()!r}: expected host:port, then optionally 'backup'")
+        try:
+            entries.append(DestinationSpec(parse_address(words[0]), backup))
+        except ValueError as error:
+            raise ValueError(f"{words[0]!r}: {error}") from None
+    if not entries:
+        raise ValueError("expected at least one destination host:port")
+    return tuple(entries)
+
+
+parse_duration.allowed = "duration: 250ms, 5s, 2m, 8h"
+parse_size.allowed = "size: 4096, 64k, 1m"
+parse_text.allowed = "text"
+parse_bind.allowed = "host:port | [ipv6]:port | unix:/path"
+parse_destinations.allowed = "host:port [backup], ..."
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One option: its key, where it may stand, how its text is checked, its default and help."""
+
+    name: str  # the config key; flag --NAME, environment GCONN_NAME
+    scope: str  # PROCESS, ROUTE or ROUTE_ONLY
+    parse: object  # text -> value, raising ValueError that says what is allowed
+    default: str | None  # as text, run through parse; None: must be given
+    help: str
+    flag: str = ""  # the command-line flag, derived from name unless given
+    repeatable: bool = False  # the flag may be given several times; values are joined by commas
+
+    @property
+    def attribute(self):
+        """The Python attribute name of this setting on Config / RouteConfig."""
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self):
+        """The environment variable that sets this option."""
+        return "GCONN_" + self.name.upper().replace("-", "_")
+
+    @property
+    def option(self):
+        """The command-line flag that sets this option."""
+        return self.flag or f"--{self.name}"
+
+    @property
+    def allowed(self):
+        """A short description of the values this setting accepts."""
+        return getattr(self.parse, "allowed", "text")
+
+
+SETTINGS = (
+    Setting("workers", PROCESS, integer_between(0, 1024), "0",
+            "worker processes, each with its own event loop and connections; 0: one per CPU core"),
+    Setting("loop", PROCESS, one_of(LOOPS), "default",
+            "the event loop: gevent's default, libev with a given backend, or libuv"),
+    Setting("worker-timeout", PROCESS, parse_duration, "30s",
+            "a worker whose heartbeat is silent this long is killed and replaced"),
+    Setting("log-level", PROCESS, one_of(LOG_LEVELS), "info",
+            "how much the daemon logs"),
+    Setting("log-file", PROCESS, parse_text, "-",
+            "where the daemon's log goes: - for stderr, or a file path"),
+    Setting("access-log", PROCESS, parse_text, "-",
+            "one line per finished connection: - for stderr, a file path, or off"),
+    Setting("shutdown-timeout", PROCESS, parse_duration, "30s",
+            "on SIGTERM/SIGINT, how long live connections may run before they are closed"),
+    Setting("bind", ROUTE_ONLY, parse_bind, None,
+            "where the route listens: host:port, [ipv6]:port or unix:/path"),
+    Setting("destinations", ROUTE_ONLY, parse_destinations, None,
+            "where the route forwards, in order: host:port or unix:/path, comma-separated; "
+            "append 'backup' to a fallback destination", flag="--destination", repeatable=True),
+    Setting("strategy", ROUTE, one_of(STRATEGIES), "first-available",
+            "how a destination is picked for each new connection"),
+    Setting("max-connections", ROUTE, integer_between(1, 10_000_000), "10000",
+            "forwarded connections served at once; further clients wait in the listen backlog"),
+    Setting("backlog", ROUTE, integer_between(1, 1_000_000), "4096",
+            "the listen backlog: accepted-by-kernel clients not yet taken by gconn"),
+    Setting("connect-timeout", ROUTE, parse_duration, "1s",
+            "per destination attempt; past it the next destination is tried"),
+    Setting("retry-interval", ROUTE, parse_duration, "5s",
+            "how long a destination that failed to connect is skipped before it is tried again"),
+    Setting("idle-timeout", ROUTE, parse_duration, "8h",
+            "no byte either way for this long closes both sides; 0 turns it off"),
+    Setting("buffer-size", ROUTE, parse_size, "64k",
+            "bytes read from one side at a time; also the most held for a slow reader"),
+)
+
+BY_NAME = {setting.name: setting for setting in SETTINGS}
+PROCESS_SETTINGS = tuple(s for s in SETTINGS if s.scope == PROCESS)
+ROUTE_SETTINGS = tuple(s for s in SETTINGS if s.scope in (ROUTE, ROUTE_ONLY))
+
+EXAMPLE_ROUTE = (  # the route of the example config: gconn-echo backends a newcomer can start
+    ("bind", "127.0.0.1:6446"),
+    ("destinations", "127.0.0.1:9001, 127.0.0.1:9002"),
+    ("strategy", "round-robin"),
+)
+
+
+def _comment(text, width=96):
+    """``text`` as ``; ``-prefixed lines no wider than ``width``."""
+    lines, line = [], ";"
+    for word in text.split():
+        if len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = ";"
+        line += " " + word
+    return lines + [line]
+
+
+def render_example_config():
+    """The annotated conf/gconn.conf: every option with its help and default."""
+    out = ["; gconn example configuration, generated from gconn/settings.py: do not edit by hand;",
+           "; regenerate with: python -m gconn.settings > conf/gconn.conf",
+           "; Start two echo backends first:",
+           ";   gconn-echo --bind 127.0.0.1:9001 --bind 127.0.0.1:9002",
+           "; then: gconn -c conf/gconn.conf   and try: nc 127.0.0.1 6446",
+           "; Precedence: --flag > GCONN_* environment > this file > built-in default.",
+           "; Durations: 250ms 5s 2m 8h; sizes: 4096 64k 1m.",
+           "", "[gconn]", "; process-wide settings", ""]
+    for setting in PROCESS_SETTINGS:
+        out += _comment(f"{setting.help} ({setting.allowed})")
+        out += [f"{setting.name} = {setting.default}", ""]
+    out += ["; route options given here are the default for every route:", ""]
+    for setting in ROUTE_SETTINGS:
+        if setting.scope == ROUTE:
+            out += _comment(f"{setting.help} ({setting.allowed})")
+            out += [f";{setting.name} = {setting.default}", ""]
+    out += ["[route:echo]", "; one section per route: [route:NAME]", ""]
+    values = dict(EXAMPLE_ROUTE)
+    for setting in ROUTE_SETTINGS:
+        if setting.name in values:
+            out += _comment(f"{setting.help} ({setting.allowed})")
+            out += [f"{setting.name} = {values[setting.name]}", ""]
+    return "\n".join(out)
+
+
+def render_option_table():
+    """README.rst's option table (reStructuredText list-table)."""
+    rows = [".. list-table:: Options (config key, flag, environment variable)",
+            "   :header-rows: 1", "",
+            "   * - key", "     - where", "     - flag / environment", "     - default",
+            "     - meaning"]
+    where = {PROCESS: "[gconn]", ROUTE: "route or [gconn]", ROUTE_ONLY: "route"}
+    for setting in SETTINGS:
+        rows += [f"   * - ``{setting.name}``", f"     - {where[setting.scope]}",
+                 f"     - ``{setting.option}`` / ``{setting.env}``",
+                 f"     - {setting.default if setting.default is not None else '(required)'}",
+                 f"     - {setting.help}"]
+    return "\n".join(rows) + "\n"
+
+
+TABLE_START = ".. options-table-start"
+TABLE_END = ".. options-table-end"
+
+
+def rewrite_readme_table(path):
+    """Replace README.rst's option table (between its markers) with the rendered one."""
+    with open(path, encoding="utf-8") as stream:
+        text = stream.read()
+    head, _, rest = text.partition(TABLE_START + "\n")
+    _, _, tail = rest.partition(TABLE_END + "\n")
+    with open(path, "w", encoding="utf-8") as stream:
+        stream.write(f"{head}{TABLE_START}\n\n{render_option_table()}\n{TABLE_END}\n{tail}")
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] == ["--readme"]:
+        rewrite_readme_table(sys.argv[2])
+    else:
+        print(render_example_config(), end="")

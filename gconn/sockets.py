@@ -1,0 +1,145 @@
+"""Sockets at the edges: listening, connecting to destinations, naming peers, process limits.
+
+Every function that opens a socket either returns it to the caller, who then owns and closes it,
+or closes it itself before raising.  Errors leave here sorted by whose fault they are: the
+environment at start-up (StartupError), the destination (DestinationUnavailable / Timeout).
+Called after gevent's monkey-patching, so every socket here is cooperative.
+"""
+
+import errno
+import os
+import resource
+import socket
+import stat
+
+from .errors import DestinationTimeout, DestinationUnavailable, StartupError
+
+DESCRIPTOR_RESERVE = 64  # descriptors a worker keeps for logs, listeners, health checks, admin
+
+
+def listen(address, backlog, reuse_port=False, listening=True):
+    """A listening socket on ``address``; StartupError names the address when the OS refuses.
+
+    With ``listening=False`` the socket is only bound: it holds the port (with ``reuse_port``,
+    for the workers' own listeners to join) without taking any connection.
+    """
+    if address.family == "unix":
+        return _listen_unix(address, backlog)
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise StartupError(f"cannot listen on {address}: {error.strerror}") from None
+    family, kind, protocol, _, sockaddr = infos[0]
+    listener = socket.socket(family, kind, protocol)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        listener.bind(sockaddr)
+        if listening:
+            listener.listen(backlog)
+    except OSError as error:
+        listener.close()
+        raise StartupError(_describe_bind_error(address, error)) from None
+    return listener
+
+
+def _listen_unix(address, backlog):
+    """A listening unix socket; a stale socket file nobody listens on is replaced."""
+    path = address.path
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # nobody answers: a leftover of an earlier run
+            else:
+                raise StartupError(f"cannot listen on {address}: address already in use")
+            finally:
+                probe.close()
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(backlog)
+    except OSError as error:
+        listener.close()
+        raise StartupError(_describe_bind_error(address, error)) from None
+    return listener
+
+
+def _describe_bind_error(address, error):
+    """One line saying why binding ``address`` failed, in words an operator acts on."""
+    if error.errno == errno.EADDRINUSE:
+        return f"cannot listen on {address}: address already in use"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot listen on {address}: permission denied"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {address}: address not available on this host"
+    return f"cannot listen on {address}: {error.strerror or error}"
+
+
+def connect(address, timeout):
+    """A connected socket to ``address`` within ``timeout`` seconds, owned by the caller.
+
+    Names are resolved through gevent's resolver.  Raises DestinationTimeout when no answer
+    came in time, DestinationUnavailable when it was refused, reset or not resolvable.
+    """
+    if address.family == "unix":
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection.settimeout(timeout)
+            connection.connect(address.path)
+        except BaseException as error:
+            connection.close()
+            raise _destination_error(address, error) from None
+        return connection
+    try:
+        connection = socket.create_connection((address.host, address.port), timeout=timeout)
+    except Exception as error:
+        raise _destination_error(address, error) from None
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return connection
+
+
+def _destination_error(address, error):
+    """Sort a connect failure into timeout or unavailable, keeping the OS's words."""
+    if isinstance(error, (TimeoutError, socket.timeout)):
+        return DestinationTimeout(f"{address}: connect timed out")
+    if isinstance(error, socket.gaierror):
+        return DestinationUnavailable(f"{address}: cannot resolve: {error.strerror}")
+    if isinstance(error, OSError):
+        return DestinationUnavailable(f"{address}: {error.strerror or error}")
+    if isinstance(error, Exception):
+        return DestinationUnavailable(f"{address}: {error}")
+    raise error  # GreenletExit and friends pass through
+
+
+def peer_name(address):
+    """``host:port`` of a peer address tuple, or ``unix`` for a unix-socket peer."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "unix"
+
+
+def bound_address(listener, address):
+    """The address a listener really has (the port the OS chose for port 0)."""
+    if address.family == "unix":
+        return str(address)
+    host, port = listener.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def raise_open_files_limit():
+    """Raise this process's open-files soft limit to the hard limit; return the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft

@@ -1,0 +1,350 @@
+"""The pre-fork master: reserves the routes' addresses, forks workers, keeps them alive, and
+turns signals into actions (gunicorn's arbiter is the model).
+
+Signal handlers only enqueue the signal; the main loop dispatches it to ``handle_<name>``, so
+those methods are the signal table.  Pre-fork work touches no per-process state: each worker
+re-initialises its hub, installs its own signals and leaves when the supervisor is gone.
+Workers report liveness by writing a monotonic timestamp into a shared page; a worker silent
+for worker-timeout is killed and replaced, a worker that dies is restarted with backoff.
+"""
+
+import dataclasses
+import errno
+import logging
+import mmap
+import os
+import signal
+import struct
+import time
+
+import gevent
+from gevent.queue import Empty, Queue
+
+from . import log
+from .config import load
+from .errors import ConfigError, StartupError
+from .sockets import DESCRIPTOR_RESERVE, listen, raise_open_files_limit
+from .worker import worker_process
+
+LOGGER = logging.getLogger("gconn.supervisor")
+
+LOOP_TICK = 0.5  # seconds the supervisor waits for a signal before checking its workers
+STARTING_TICK = 0.02  # the same while a generation of workers is starting
+HEARTBEAT_SLOTS = 4096  # worker slots in the shared heartbeat page (reloads take new ones)
+RESTART_BACKOFF_MIN = 0.1  # seconds before restarting a worker that died young
+RESTART_BACKOFF_MAX = 10.0  # the longest wait between restarts of a worker that keeps dying
+YOUNG = 5.0  # seconds: a worker that dies younger than this counts towards backoff
+KILL_GRACE = 5.0  # seconds between TERM and KILL for a worker that overruns its drain
+SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "CHLD")
+
+
+def capacity(open_files_limit, workers):
+    """How many forwarded connections ``workers`` processes can hold (two descriptors each)."""
+    return max(0, (open_files_limit - DESCRIPTOR_RESERVE) // 2) * workers
+
+
+def workers_needed(connections, open_files_limit):
+    """The fewest workers that can hold ``connections`` forwarded connections."""
+    per_worker = max(1, (open_files_limit - DESCRIPTOR_RESERVE) // 2)
+    return -(-connections // per_worker)
+
+
+def worker_count(config):
+    """The configured number of workers; 0 means one per CPU core."""
+    return config.process.workers or os.cpu_count() or 1
+
+
+class Heartbeats:
+    """A page of shared memory, one monotonic timestamp per worker slot."""
+
+    def __init__(self, slots=HEARTBEAT_SLOTS):
+        self.slots = slots
+        self.page = mmap.mmap(-1, 9 * slots)  # 8-byte stamps, then one ready byte per slot
+        self.free = list(range(slots - 1, -1, -1))
+
+    def take(self):
+        """A free slot, stamped now, not ready."""
+        slot = self.free.pop()
+        self.beat(slot)
+        self.page[8 * self.slots + slot] = 0
+        return slot
+
+    def set_ready(self, slot):
+        """Mark ``slot``'s worker as serving every route (called by the worker)."""
+        self.page[8 * self.slots + slot] = 1
+
+    def ready(self, slot):
+        """Whether ``slot``'s worker has said it serves every route."""
+        return self.page[8 * self.slots + slot] == 1
+
+    def give_back(self, slot):
+        self.free.append(slot)
+
+    def beat(self, slot):
+        """Stamp ``slot`` with the current monotonic time (called by the worker)."""
+        struct.pack_into("d", self.page, 8 * slot, time.monotonic())
+
+    def age(self, slot):
+        """Seconds since ``slot`` was last stamped."""
+        return time.monotonic() - struct.unpack_from("d", self.page, 8 * slot)[0]
+
+
+@dataclasses.dataclass
+class WorkerProcess:
+    """What the supervisor knows of one worker process."""
+
+    index: int
+    generation: int
+    pid: int
+    slot: int
+    started: float
+    retiring: bool = False  # told to drain (reload or stop); not replaced when it exits
+    kill_at: float | None = None  # monotonic time to escalate to SIGKILL
+
+
+class Supervisor:
+    """Forks and tends the workers of one gconn; ``run`` returns the exit code."""
+
+    def __init__(self, config, argv=None):
+        self.config = config
+        self.argv = argv
+        self.generation = 0
+        self.workers = {}  # pid -> WorkerProcess
+        self.signals = Queue()
+        self.heartbeats = Heartbeats()
+        self.reservations = {}  # str(address) -> socket holding a port-0 route's real port
+        self.restart_after = {}  # worker index -> monotonic time its replacement may start
+        self.deaths = {}  # worker index -> consecutive young deaths
+        self.stopping = False
+        self.signal_handles = []
+        self.announced = -1  # the generation whose readiness was last logged
+        self.open_files = raise_open_files_limit()
+
+    # --- start -----------------------------------------------------------------------------
+
+    def reserve_addresses(self, config):
+        """Bind every TCP route address once (no listen) to learn port-0 ports and fail early
+        on an address in use; return the config with every port fixed."""
+        routes = []
+        for route in config.routes:
+            if route.bind.family == "tcp":
+                key = str(route.bind)
+                holder = self.reservations.get(key)
+                if holder is None:
+                    holder = listen(route.bind, 1, reuse_port=True, listening=False)
+                    self.reservations[key] = holder
+                port = holder.getsockname()[1]
+                route = dataclasses.replace(route, bind=dataclasses.replace(route.bind, port=port))
+            elif str(route.bind) not in self.reservations:
+                # one listening unix socket, made here and inherited by every worker
+                self.reservations[str(route.bind)] = listen(route.bind, route.backlog)
+            routes.append(route)
+        return dataclasses.replace(config, routes=tuple(routes))
+
+    def check_capacity(self, config):
+        """Log one warning when the routes' max-connections exceed what the workers can hold."""
+        workers = worker_count(config)
+        wanted = sum(route.max_connections for route in config.routes)
+        held = capacity(self.open_files, workers)
+        if wanted > held:
+            LOGGER.warning(
+                "max-connections over all routes is %d but %d workers with an open-files limit "
+                "of %d hold at most %d; set workers = %d to reach it", wanted, workers,
+                self.open_files, held, workers_needed(wanted, self.open_files))
+
+    def run(self):
+        """Start the workers, then dispatch signals and tend workers until stopped."""
+        self.config = self.reserve_addresses(self.config)
+        self.check_capacity(self.config)
+        for name in SIGNALS:
+            signum = getattr(signal, f"SIG{name}")
+            self.signal_handles.append(gevent.signal_handler(signum, self.signals.put, name))
+        self.spawn_workers()
+        LOGGER.info("supervisor pid=%d workers=%d", os.getpid(), worker_count(self.config))
+        while self.workers or not self.stopping:
+            try:
+                tick = LOOP_TICK if self.announced == self.generation else STARTING_TICK
+                name = self.signals.get(timeout=tick)
+            except Empty:
+                name = None
+            if name is not None:
+                getattr(self, f"handle_{name.lower()}")()
+            self.reap_workers()
+            if not self.stopping:
+                self.check_heartbeats()
+                self.spawn_workers()
+                self.announce_ready()
+            self.escalate()
+        LOGGER.info("stopped")
+        return 0
+
+    # --- signals ---------------------------------------------------------------------------
+
+    def handle_term(self):
+        """Drain: workers stop accepting and finish within shutdown-timeout; then exit."""
+        self.stop(signal.SIGTERM, self.config.process.shutdown_timeout + KILL_GRACE)
+
+    def handle_int(self):
+        """Like TERM (Ctrl-C); a second one stops at once."""
+        self.handle_term()
+
+    def handle_quit(self):
+        """Fast stop: workers close every connection now."""
+        self.stop(signal.SIGQUIT, KILL_GRACE)
+
+    def handle_hup(self):
+        """Reload: new workers take new connections with the re-read config, old ones drain."""
+        try:
+            config, _ = load(self.argv)
+            config = self.reserve_addresses(config)
+        except (ConfigError, StartupError) as error:
+            LOGGER.error("reload failed, keeping the running config: %s", error)
+            return
+        LOGGER.info("reloading: generation %d", self.generation + 1)
+        self.config = config
+        log.setup(config.process)
+        self.check_capacity(config)
+        old = [worker for worker in self.workers.values() if not worker.retiring]
+        self.generation += 1
+        self.restart_after.clear()
+        self.deaths.clear()
+        self.spawn_workers()
+        self.retire(old, signal.SIGTERM, config.process.shutdown_timeout + KILL_GRACE)
+
+    def handle_usr1(self):
+        """Reopen log files (after rotation), here and in every worker."""
+        log.setup(self.config.process)
+        for worker in self.workers.values():
+            self.kill(worker.pid, signal.SIGUSR1)
+
+    def handle_chld(self):
+        """A worker changed state: reaped in the loop."""
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def stop(self, signum, grace):
+        """Tell every worker to stop with ``signum``; a second stop escalates to QUIT."""
+        if self.stopping and signum == signal.SIGTERM:
+            signum, grace = signal.SIGQUIT, KILL_GRACE
+        self.stopping = True
+        for holder in self.reservations.values():
+            holder.close()
+        self.reservations.clear()
+        self.retire(list(self.workers.values()), signum, grace)
+
+    def retire(self, workers, signum, grace):
+        """Send ``signum`` to ``workers`` and kill them if still alive after ``grace`` seconds."""
+        deadline = time.monotonic() + grace
+        for worker in workers:
+            worker.retiring = True
+            worker.kill_at = deadline if worker.kill_at is None else min(worker.kill_at, deadline)
+            self.kill(worker.pid, signum)
+
+    def wanted_indexes(self):
+        """Worker indexes of the current generation that have no live process."""
+        live = {w.index for w in self.workers.values()
+                if w.generation == self.generation and not w.retiring}
+        return [index for index in range(worker_count(self.config)) if index not in live]
+
+    def spawn_workers(self):
+        """Fork the missing workers of the current generation (respecting restart backoff)."""
+        now = time.monotonic()
+        for index in self.wanted_indexes():
+            if self.restart_after.get(index, 0) > now:
+                continue
+            self.spawn_worker(index)
+
+    def spawn_worker(self, index):
+        """Fork one worker; the child never returns from here."""
+        slot = self.heartbeats.take()
+        pid = os.fork()
+        if pid == 0:
+            self.become_worker(index, slot)
+        self.workers[pid] = WorkerProcess(index, self.generation, pid, slot, time.monotonic())
+        LOGGER.info("worker %d started pid=%d generation=%d", index, pid, self.generation)
+
+    def become_worker(self, index, slot):
+        """In the forked child: drop the supervisor's signals, run a worker, never return."""
+        code = 1
+        try:
+            for handle in self.signal_handles:
+                handle.cancel()
+            listeners = {}
+            for key, holder in self.reservations.items():
+                if key.startswith("unix:"):
+                    listeners[key] = holder  # the shared unix listener
+                else:
+                    holder.close()  # the port reservation stays with the supervisor
+            code = worker_process(self.config, index, worker_count(self.config),
+                                  self.heartbeats, slot, self.generation, listeners)
+        except BaseException:
+            LOGGER.exception("worker %d failed", index)
+        finally:
+            os._exit(code)
+
+    def announce_ready(self):
+        """Log once per generation when every one of its workers serves every route."""
+        if self.announced == self.generation or self.wanted_indexes():
+            return
+        current = [w for w in self.workers.values()
+                   if w.generation == self.generation and not w.retiring]
+        if all(self.heartbeats.ready(w.slot) for w in current):
+            self.announced = self.generation
+            LOGGER.info("ready workers=%d generation=%d", len(current), self.generation)
+
+    def reap_workers(self):
+        """Collect exited workers; schedule replacements with backoff for young deaths."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            self.heartbeats.give_back(worker.slot)
+            code = os.waitstatus_to_exitcode(status)
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            if worker.retiring:
+                LOGGER.info("worker %d pid=%d finished (%s)", worker.index, pid, how)
+                continue
+            LOGGER.warning("worker %d pid=%d died (%s); restarting", worker.index, pid, how)
+            if time.monotonic() - worker.started < YOUNG:
+                deaths = self.deaths.get(worker.index, 0) + 1
+                self.deaths[worker.index] = deaths
+                delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * 2 ** (deaths - 1))
+                self.restart_after[worker.index] = time.monotonic() + delay
+            else:
+                self.deaths.pop(worker.index, None)
+
+    def check_heartbeats(self):
+        """Kill a worker that has not stamped its heartbeat for worker-timeout."""
+        timeout = self.config.process.worker_timeout
+        for worker in list(self.workers.values()):
+            if not worker.retiring and self.heartbeats.age(worker.slot) > timeout:
+                LOGGER.error("worker %d pid=%d silent for %.0fs; killing it", worker.index,
+                             worker.pid, timeout)
+                self.kill(worker.pid, signal.SIGKILL)
+
+    def escalate(self):
+        """SIGKILL retiring workers that overran their deadline."""
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.kill_at is not None and now >= worker.kill_at:
+                LOGGER.warning("worker %d pid=%d overran its drain; killing it", worker.index,
+                               worker.pid)
+                self.kill(worker.pid, signal.SIGKILL)
+                worker.kill_at = None
+
+    @staticmethod
+    def kill(pid, signum):
+        """Send ``signum`` to ``pid``; a process already gone is fine."""
+        try:
+            os.kill(pid, signum)
+        except OSError as error:
+            if error.errno != errno.ESRCH:
+                raise
+
+

@@ -1,0 +1,138 @@
+"""One serving process: its hub, one RouteServer per route, its registry, and graceful stop.
+
+On SIGTERM/SIGINT the worker stops accepting (new clients are refused), lets live connections
+run for up to shutdown-timeout, then closes what is left (ended ``shutdown``); a second signal,
+or SIGQUIT, stops at once.  SIGUSR1 reopens the log files.  Signal handlers only set events or
+call one short function; the main greenlet does the work.  Post-fork set-up (process title,
+route shares, heartbeat, leaving when the supervisor is gone) lives in ``worker_process``.
+"""
+
+import dataclasses
+import logging
+import os
+import signal
+
+import gevent
+from gevent.event import Event
+
+from . import log
+from .listener import RouteServer
+from .registry import Registry
+
+LOGGER = logging.getLogger("gconn.worker")
+
+HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's liveness stamps
+
+
+def share(total, workers, index):
+    """Worker ``index``'s share of a route limit ``total``: split evenly, remainder first."""
+    return max(1, total // workers + (1 if index < total % workers else 0))
+
+
+class Worker:
+    """Serves every route of ``config`` in this process until told to stop."""
+
+    def __init__(self, config, worker_id=0, reuse_port=False, listeners=None):
+        self.config = config
+        self.registry = Registry(worker_id)
+        self.reuse_port = reuse_port
+        self.listeners = listeners or {}  # str(address) -> an inherited listening socket
+        self.routes = []
+        self.stopping = Event()  # first TERM/INT: drain
+        self.stop_now = Event()  # second signal or QUIT: close everything at once
+        self.on_ready = None  # called once every route listens
+
+    def bind(self):
+        """Open every route's listener; on a StartupError close those already open and raise."""
+        try:
+            for route in self.config.routes:
+                inherited = self.listeners.get(str(route.bind))
+                self.routes.append(RouteServer(route, self.registry, self.reuse_port, inherited))
+        except BaseException:
+            for server in self.routes:
+                server.stop_accepting()
+            raise
+
+    def handle_term(self):
+        """TERM/INT: the first drains, the next one stops at once."""
+        if self.stopping.is_set():
+            self.stop_now.set()
+        self.stopping.set()
+
+    def handle_quit(self):
+        """QUIT: stop at once, closing every connection."""
+        self.stop_now.set()
+        self.stopping.set()
+
+    def handle_usr1(self):
+        """USR1: reopen the log files."""
+        log.setup(self.config.process)
+
+    def run(self):
+        """Bind, serve until a signal, drain within shutdown-timeout; return the exit code."""
+        self.bind()
+        handlers = {signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_term,
+                    signal.SIGQUIT: self.handle_quit, signal.SIGUSR1: self.handle_usr1}
+        for signum, handler in handlers.items():
+            gevent.signal_handler(signum, handler)
+        for server in self.routes:
+            server.start()
+        LOGGER.info("worker serving routes=%d", len(self.routes))
+        if self.on_ready is not None:
+            self.on_ready()
+        self.stopping.wait()
+        self.drain(self.config.process.shutdown_timeout)
+        return 0
+
+    def drain(self, timeout):
+        """Stop accepting, wait up to ``timeout`` seconds for sessions, then end the rest."""
+        for server in self.routes:
+            server.stop_accepting()
+        LOGGER.info("stopping: refusing new connections, draining %d live for up to %.1fs",
+                    len(self.registry), 0 if self.stop_now.is_set() else timeout)
+        pools = [server.pool for server in self.routes]
+        waiter = gevent.spawn(lambda: [pool.join() for pool in pools])
+        gevent.wait([waiter, self.stop_now], timeout=timeout, count=1)
+        waiter.kill()
+        left = len(self.registry)
+        if left:
+            LOGGER.info("closing %d connections still live", left)
+        for pool in pools:
+            pool.kill(block=True, timeout=5)
+        LOGGER.info("worker stopped")
+
+
+def worker_config(config, index, count):
+    """``config`` with each route's max-connections replaced by worker ``index``'s share."""
+    routes = tuple(dataclasses.replace(route, max_connections=share(route.max_connections,
+                                                                     count, index))
+                   for route in config.routes)
+    return dataclasses.replace(config, routes=routes)
+
+
+def worker_process(config, index, count, heartbeats, slot, generation, listeners):
+    """The body of a forked worker: title, heartbeat, serve; returns the exit code."""
+    try:
+        import setproctitle
+        setproctitle.setproctitle(f"gconn: worker {index} (generation {generation})")
+    except ImportError:
+        pass
+    supervisor_pid = os.getppid()
+    worker = Worker(worker_config(config, index, count), worker_id=os.getpid(), reuse_port=True,
+                    listeners=listeners)
+    worker.on_ready = lambda: heartbeats.set_ready(slot)
+
+    def heartbeat():
+        while not worker.stopping.is_set():
+            heartbeats.beat(slot)
+            if os.getppid() != supervisor_pid:
+                LOGGER.warning("supervisor pid=%d is gone; draining", supervisor_pid)
+                worker.handle_term()
+                return
+            gevent.sleep(HEARTBEAT_INTERVAL)
+
+    beating = gevent.spawn(heartbeat)
+    try:
+        return worker.run()
+    finally:
+        beating.kill()

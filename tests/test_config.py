@@ -1,0 +1,170 @@
+"""Configuration: bad input exits 2 with one line naming file, line and key; a port in use exits 1;
+flag > env > file > default; the example config and README table are derived from the registry."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from gconn.settings import render_example_config, render_option_table
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROUTE = "[route:a]\nbind = 127.0.0.1:0\ndestinations = 127.0.0.1:9\n"
+
+
+def run_gconn(*args, env=None, timeout=30):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GCONN_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "gconn", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+BAD_CONFIGS = [
+    ("unknown key", ROUTE + "frobnicate = 3\n", 4, "frobnicate"),
+    ("bad duration", ROUTE + "connect-timeout = 5 parsecs\n", 4, "connect-timeout"),
+    ("bad port", "[route:a]\nbind = 127.0.0.1:99999\ndestinations = 127.0.0.1:9\n", 2, "bind"),
+    ("bad destination port", "[route:a]\nbind = 127.0.0.1:0\ndestinations = h:0\n", 3,
+     "destinations"),
+    ("unknown strategy", ROUTE + "strategy = fastest\n", 4, "strategy"),
+    ("route without destinations", "[gconn]\nlog-level = info\n[route:a]\nbind = 127.0.0.1:0\n",
+     3, "destinations"),
+    ("two routes on one address", "[route:a]\nbind = 127.0.0.1:7000\ndestinations = h:1\n"
+     "[route:b]\ndestinations = h:2\nbind = 127.0.0.1:7000\n", 6, "bind"),
+    ("bad log level", "[gconn]\nlog-level = loud\n" + ROUTE, 2, "log-level"),
+    ("route-only key in [gconn]", "[gconn]\nbind = 127.0.0.1:1\n" + ROUTE, 2, "bind"),
+    ("bad max-connections", ROUTE + "max-connections = -3\n", 4, "max-connections"),
+    ("backup without fallback strategy",
+     "[route:a]\nbind = 127.0.0.1:0\ndestinations = h:1, h:2 backup\n", 3, "destinations"),
+    ("unknown section", "[routes]\nbind = 1\n", 1, None),
+    ("line without equals", ROUTE + "just words\n", 4, None),
+]
+
+
+@pytest.mark.parametrize("case, text, line, key", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_exits_2_with_one_line_naming_file_line_and_key(tmp_path, case, text, line,
+                                                                      key):
+    """Each bad config: exit 2, one line on stderr naming file:line and the key, no traceback."""
+    path = tmp_path / "bad.conf"
+    path.write_text(text)
+    result = run_gconn("-c", str(path), "--check-config")
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{path}:{line}" in lines[0]
+    if key:
+        assert key in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: tmp / "missing.conf",
+    lambda tmp: tmp,  # a directory
+    lambda tmp: (tmp / "latin1.conf").write_bytes(b"[gconn]\nlog-level = \xe9\n") and
+    tmp / "latin1.conf",
+], ids=["missing", "directory", "not-utf8"])
+def test_unreadable_config_file_exits_2_naming_it(tmp_path, make):
+    """A missing, unreadable or non-text config file: exit 2 with one line naming the file."""
+    path = make(tmp_path)
+    result = run_gconn("-c", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0], result.stderr
+
+
+def test_bad_flag_and_env_values_name_their_source():
+    """A bad value from a flag names the flag; from the environment names the variable."""
+    flag = run_gconn("--bind", "127.0.0.1:0", "--destination", "h:1", "--idle-timeout", "soon")
+    assert flag.returncode == 2 and "--idle-timeout" in flag.stderr and "soon" in flag.stderr
+    env = run_gconn("--bind", "127.0.0.1:0", "--destination", "h:1",
+                    env={"GCONN_STRATEGY": "random"})
+    assert env.returncode == 2 and "GCONN_STRATEGY" in env.stderr and "random" in env.stderr
+
+
+def test_no_route_at_all_is_a_config_error():
+    """Neither --bind nor a route section: exit 2 saying how to give one."""
+    result = run_gconn()
+    assert result.returncode == 2 and "--bind" in result.stderr
+
+
+def test_port_in_use_exits_1_naming_the_address():
+    """A port already taken: exit 1 with the address in one line, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run_gconn("--bind", f"127.0.0.1:{port}", "--destination", "127.0.0.1:9",
+                           "--log-level", "error")
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port}" in result.stderr and "already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def effective(result, key):
+    """(value, source) of ``key`` in --check-config output."""
+    for line in result.stdout.splitlines():
+        if line.startswith(f"{key} ="):
+            value, _, source = line.partition(";")
+            return value.split("=", 1)[1].strip(), source.strip()
+    raise AssertionError(result.stdout + result.stderr)
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path):
+    """connect-timeout: default, then the file's, then the environment's, then the flag's."""
+    path = tmp_path / "gconn.conf"
+    path.write_text(ROUTE + "connect-timeout = 2s\n")
+    base = ["--check-config"]
+    assert effective(run_gconn("--bind", "127.0.0.1:0", "--destination", "h:1", *base),
+                     "connect-timeout") == ("1s", "default")
+    assert effective(run_gconn("-c", str(path), *base), "connect-timeout") == \
+        ("2s", f"{path}:4")
+    env = {"GCONN_CONNECT_TIMEOUT": "3s"}
+    assert effective(run_gconn("-c", str(path), *base, env=env), "connect-timeout") == \
+        ("3s", "env GCONN_CONNECT_TIMEOUT")
+    assert effective(run_gconn("-c", str(path), "--connect-timeout", "4s", *base, env=env),
+                     "connect-timeout") == ("4s", "flag --connect-timeout")
+
+
+def test_gconn_section_gives_route_defaults(tmp_path):
+    """A route option in [gconn] is the default for every route; a route's own value wins."""
+    path = tmp_path / "gconn.conf"
+    path.write_text("[gconn]\nidle-timeout = 2m\n" + ROUTE +
+                    "[route:b]\nbind = 127.0.0.1:0\ndestinations = h:2\nidle-timeout = 5m\n")
+    result = run_gconn("-c", str(path), "--check-config")
+    assert result.returncode == 0, result.stderr
+    sections = result.stdout.split("[route:")
+    assert "idle-timeout = 2m" in sections[1] and f"{path}:2" in sections[1]
+    assert "idle-timeout = 5m" in sections[2]
+
+
+def test_example_config_is_generated_from_the_registry_and_valid():
+    """conf/gconn.conf equals what the settings registry renders, and it passes --check-config."""
+    example = ROOT / "conf" / "gconn.conf"
+    assert example.read_text() == render_example_config()
+    result = run_gconn("-c", str(example), "--check-config")
+    assert result.returncode == 0, result.stderr
+    assert "[route:echo]" in result.stdout
+
+
+def test_readme_option_table_matches_the_registry():
+    """README.rst's option table is the one the settings registry renders."""
+    assert render_option_table() in (ROOT / "README.rst").read_text()
+
+
+def test_version_from_both_entry_points():
+    """gconn --version and python -m gconn --version print the version."""
+    from gconn import __version__
+    module = run_gconn("--version")
+    assert module.returncode == 0 and __version__ in module.stdout
+    script = pathlib.Path(sys.executable).with_name("gconn")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and __version__ in result.stdout
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """.ci/run runs the very test command that README.rst gives a newcomer."""
+    readme = (ROOT / "README.rst").read_text().splitlines()
+    command = readme[readme.index("The one command (CI runs exactly this, in ``.ci/run``)::") + 2]
+    assert command.strip() in (ROOT / ".ci" / "run").read_text().splitlines()

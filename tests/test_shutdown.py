@@ -1,0 +1,70 @@
+"""SIGTERM/SIGINT: stop accepting, let live transfers finish within shutdown-timeout, exit 0."""
+
+import hashlib
+import os
+import signal
+import socket
+import threading
+
+import pytest
+from conftest import connect, stop_gracefully
+
+
+def test_sigterm_mid_transfer_completes_refuses_new_and_exits_0(start_echo, start_daemon):
+    """A transfer under way when SIGTERM arrives completes intact; new clients are refused."""
+    echo = start_echo()
+    daemon = start_daemon("--bind", "127.0.0.1:0", "--destination", echo.address)
+    port = daemon.port()
+    data = os.urandom(16 * 1024 * 1024)
+    half = len(data) // 2
+    client = connect(port, timeout=30)
+    received = hashlib.sha256()
+    count = 0
+    client.sendall(data[:half])
+    while count < half:  # the first half has made the round trip: the transfer is mid-way
+        chunk = client.recv(65536)
+        assert chunk
+        received.update(chunk)
+        count += len(chunk)
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_contains("refusing new connections")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    sender = threading.Thread(target=lambda: (client.sendall(data[half:]),
+                                              client.shutdown(socket.SHUT_WR)))
+    sender.start()
+    while chunk := client.recv(65536):
+        received.update(chunk)
+        count += len(chunk)
+    sender.join(10)
+    client.close()
+    assert (received.hexdigest(), count) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert daemon.wait_exit() == 0
+    assert "end=client_closed" in daemon.wait_contains(" end=")
+
+
+def test_shutdown_timeout_closes_what_is_left(start_echo, start_daemon):
+    """A connection still live at shutdown-timeout is closed and logged end=shutdown; exit 0."""
+    echo = start_echo()
+    daemon = start_daemon("--bind", "127.0.0.1:0", "--destination", echo.address,
+                          "--shutdown-timeout", "300ms")
+    with connect(daemon.port()) as client:
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        assert stop_gracefully(daemon, signal.SIGINT) == 0
+        assert client.recv(10) == b""
+    assert "end=shutdown" in daemon.wait_contains(" end=")
+
+
+def test_second_signal_stops_at_once(start_echo, start_daemon):
+    """A second SIGTERM during the drain stops at once instead of waiting the full timeout."""
+    echo = start_echo()
+    daemon = start_daemon("--bind", "127.0.0.1:0", "--destination", echo.address,
+                          "--shutdown-timeout", "10m")
+    with connect(daemon.port()) as client:
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_contains("refusing new connections")
+        assert stop_gracefully(daemon, signal.SIGTERM, timeout=20) == 0
+    assert "end=shutdown" in daemon.wait_contains(" end=")

@@ -1,0 +1,91 @@
+"""Each strategy's choice order over three destinations, with one down and then back (pure)."""
+
+import pytest
+
+from gconn.destinations import RouteDestinations
+from gconn.settings import parse_destinations
+
+RETRY = 5.0  # seconds a failed destination is skipped by the strategies that honour it
+
+
+def route(strategy, text="a:1, b:2, c:3"):
+    return RouteDestinations(parse_destinations(text), strategy)
+
+
+def names(destinations):
+    return [d.address.host for d in destinations]
+
+
+def orders(routes, count, now=0.0):
+    return [names(routes.candidates(now)) for _ in range(count)]
+
+
+def test_first_available_always_starts_at_the_head():
+    """first-available offers list order for every connection, even after a failure."""
+    r = route("first-available")
+    assert orders(r, 2) == [["a", "b", "c"]] * 2
+    r.destinations[0].connect_failed(0.0, RETRY, "refused")
+    assert orders(r, 1, now=1.0) == [["a", "b", "c"]]
+    r.destinations[0].healthy = False  # a health check says it is down
+    assert orders(r, 1, now=1.0) == [["b", "c"]]
+    r.destinations[0].healthy = True
+    assert orders(r, 1, now=1.0) == [["a", "b", "c"]]
+
+
+def test_next_available_skips_a_failed_destination_until_retry():
+    """next-available skips a failed destination until retry-interval passes, then takes it."""
+    r = route("next-available")
+    r.destinations[0].connect_failed(10.0, RETRY, "refused")
+    assert orders(r, 2, now=11.0) == [["b", "c"]] * 2
+    assert orders(r, 1, now=10.0 + RETRY) == [["a", "b", "c"]]
+    r.destinations[0].connect_failed(20.0, RETRY, "refused")
+    r.destinations[0].connect_succeeded()
+    assert orders(r, 1, now=21.0) == [["a", "b", "c"]]
+
+
+def test_round_robin_rotates_and_leaves_out_a_down_destination():
+    """round-robin starts one further for each connection and skips the failed one."""
+    r = route("round-robin")
+    assert [o[0] for o in orders(r, 6)] == ["a", "b", "c", "a", "b", "c"]
+    r.destinations[1].connect_failed(0.0, RETRY, "refused")
+    firsts = [o[0] for o in orders(r, 4, now=1.0)]
+    assert "b" not in firsts and set(firsts) == {"a", "c"}
+    later = [o[0] for o in orders(r, 3, now=RETRY + 1)]
+    assert set(later) == {"a", "b", "c"}
+
+
+def test_round_robin_with_fallback_uses_backups_only_when_primaries_are_down():
+    """round-robin-with-fallback rotates primaries; backups come last and lead when needed."""
+    r = route("round-robin-with-fallback", "a:1, b:2, c:3 backup")
+    got = orders(r, 4)
+    assert [o[0] for o in got] == ["a", "b", "a", "b"]
+    assert all(o[-1] == "c" for o in got)
+    for primary in r.destinations[:2]:
+        primary.connect_failed(0.0, RETRY, "refused")
+    assert orders(r, 2, now=1.0) == [["c"], ["c"]]
+    assert orders(r, 1, now=RETRY + 1)[0][0] in ("a", "b")
+
+
+def test_least_connections_prefers_the_least_busy():
+    """least-connections picks the fewest active; ties go round-robin; failed ones skipped."""
+    r = route("least-connections")
+    a, b, c = r.destinations
+    a.active, b.active, c.active = 3, 1, 2
+    assert orders(r, 1) == [["b", "c", "a"]]
+    b.active = 3
+    assert orders(r, 1)[0][0] == "c"
+    c.connect_failed(0.0, RETRY, "refused")
+    assert orders(r, 1, now=1.0)[0] in (["a", "b"], ["b", "a"])
+    a.active = b.active = c.active = 0
+    firsts = {o[0] for o in orders(r, 3, now=RETRY + 1)}
+    assert firsts == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("strategy", ["next-available", "round-robin", "least-connections",
+                                      "round-robin-with-fallback"])
+def test_every_strategy_offers_nothing_when_all_are_down(strategy):
+    """With every destination failed and not yet due for retry, no candidate is offered."""
+    r = route(strategy)
+    for destination in r.destinations:
+        destination.connect_failed(0.0, RETRY, "refused")
+    assert r.candidates(1.0) == []
