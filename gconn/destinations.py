@@ -5,6 +5,7 @@ and reports back, health checks will write here too).  Times are monotonic secon
 by the caller so that every transition is testable without waiting.
 """
 
+from .local import RWLock
 from .strategies import STRATEGIES
 
 
@@ -49,15 +50,26 @@ class Destination:
 
 
 class RouteDestinations:
-    """A route's destinations, its strategy and its turn counter."""
+    """A route's destinations, its strategy and its turn counter.
+
+    Sessions read destination state under ``lock.reading()``; health checks write it under
+    ``lock.writing()``, so a session never sees a half-applied health transition.
+    """
 
     def __init__(self, specs, strategy):
         self.destinations = tuple(Destination(spec) for spec in specs)
         self.choose = STRATEGIES[strategy]
         self.turn = 0
+        self.lock = RWLock()
 
     def candidates(self, now):
         """The destinations to try for one new connection, in order; advances the turn."""
-        chosen = self.choose(self.destinations, self.turn, now)
+        with self.lock.reading():
+            chosen = self.choose(self.destinations, self.turn, now)
         self.turn += 1
         return chosen
+
+    def set_health(self, destination, healthy):
+        """Record a health check's verdict on ``destination``."""
+        with self.lock.writing():
+            destination.healthy = healthy

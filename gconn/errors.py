@@ -35,6 +35,10 @@ class StartupError(GconnError):
     """The environment refused something at start: an address in use, a missing permission."""
 
 
+class ResourceExhausted(GconnError):
+    """This process ran out of descriptors or memory: nobody else's fault."""
+
+
 class ClientAbort(GconnError):
     """The client went away or misbehaved."""
 

@@ -12,7 +12,7 @@ import time
 from gevent import GreenletExit
 
 from . import local
-from .errors import DestinationUnavailable, NoHealthyDestination
+from .errors import DestinationUnavailable, NoHealthyDestination, ResourceExhausted
 from .forward import Pump
 from .log import log_access
 from .sockets import connect, peer_name
@@ -62,6 +62,10 @@ def serve(route, client, address):
         LOGGER.warning("%s", error)
     except DestinationUnavailable as error:
         end = "connect_failed"
+        LOGGER.warning("%s", error)
+    except ResourceExhausted as error:
+        end = "fd_exhausted"
+        local.set_error(end, str(error))
         LOGGER.warning("%s", error)
     except GreenletExit:
         end = "shutdown"

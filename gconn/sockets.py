@@ -12,8 +12,9 @@ import resource
 import socket
 import stat
 
-from .errors import DestinationTimeout, DestinationUnavailable, StartupError
+from .errors import DestinationTimeout, DestinationUnavailable, ResourceExhausted, StartupError
 
+RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 DESCRIPTOR_RESERVE = 64  # descriptors a worker keeps for logs, listeners, health checks, admin
 
 
@@ -113,6 +114,8 @@ def _destination_error(address, error):
         return DestinationTimeout(f"{address}: connect timed out")
     if isinstance(error, socket.gaierror):
         return DestinationUnavailable(f"{address}: cannot resolve: {error.strerror}")
+    if isinstance(error, OSError) and error.errno in RESOURCE_ERRORS:
+        return ResourceExhausted(f"connecting to {address}: {error.strerror}")
     if isinstance(error, OSError):
         return DestinationUnavailable(f"{address}: {error.strerror or error}")
     if isinstance(error, Exception):
@@ -134,6 +137,14 @@ def bound_address(listener, address):
         return str(address)
     host, port = listener.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def descriptor_capacity():
+    """Forwarded connections this process can hold: two descriptors each, less a reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(1, (soft - DESCRIPTOR_RESERVE) // 2)
 
 
 def raise_open_files_limit():

@@ -117,7 +117,7 @@ class Supervisor:
         self.deaths = {}  # worker index -> consecutive young deaths
         self.stopping = False
         self.signal_handles = []
-        self.announced = -1  # the generation whose readiness was last logged
+        self.announced = frozenset()  # the worker pids whose readiness was last logged
         self.open_files = raise_open_files_limit()
 
     # --- start -----------------------------------------------------------------------------
@@ -163,7 +163,9 @@ class Supervisor:
         LOGGER.info("supervisor pid=%d workers=%d", os.getpid(), worker_count(self.config))
         while self.workers or not self.stopping:
             try:
-                tick = LOOP_TICK if self.announced == self.generation else STARTING_TICK
+                starting = any(not self.heartbeats.ready(w.slot) for w in self.workers.values()
+                               if not w.retiring) or bool(self.wanted_indexes())
+                tick = STARTING_TICK if starting else LOOP_TICK
                 name = self.signals.get(timeout=tick)
             except Empty:
                 name = None
@@ -283,13 +285,15 @@ class Supervisor:
             os._exit(code)
 
     def announce_ready(self):
-        """Log once per generation when every one of its workers serves every route."""
-        if self.announced == self.generation or self.wanted_indexes():
+        """Log when every worker of the generation serves every route (again, after a
+        replacement)."""
+        if self.wanted_indexes():
             return
         current = [w for w in self.workers.values()
                    if w.generation == self.generation and not w.retiring]
-        if all(self.heartbeats.ready(w.slot) for w in current):
-            self.announced = self.generation
+        pids = frozenset(w.pid for w in current)
+        if pids != self.announced and all(self.heartbeats.ready(w.slot) for w in current):
+            self.announced = pids
             LOGGER.info("ready workers=%d generation=%d", len(current), self.generation)
 
     def reap_workers(self):

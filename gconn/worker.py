@@ -48,6 +48,7 @@ class Worker:
             for route in self.config.routes:
                 inherited = self.listeners.get(str(route.bind))
                 self.routes.append(RouteServer(route, self.registry, self.reuse_port, inherited))
+                self.routes[-1].neighbours = self.routes
         except BaseException:
             for server in self.routes:
                 server.stop_accepting()

@@ -6,7 +6,6 @@ Tests wait for lines the processes print (``listening ...``, ``ready ...``), nev
 
 import hashlib
 import os
-import queue
 import signal
 import socket
 import socketserver
@@ -24,48 +23,56 @@ CHUNK = 64 * 1024
 class Process:
     """A gconn or gconn-echo subprocess whose stderr/stdout lines are collected as they come."""
 
-    def __init__(self, args, env=None, cwd=None):
+    def __init__(self, args, env=None, cwd=None, preexec=None):
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.args = args
         self.popen = subprocess.Popen(
             [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=full_env, cwd=cwd, text=True, bufsize=1)
+            stdin=subprocess.DEVNULL, env=full_env, cwd=cwd, text=True, bufsize=1,
+            start_new_session=True, preexec_fn=preexec)  # own group: teardown reaches workers
         self.lines = []
-        self._queue = queue.Queue()
+        self.finished = False  # the process closed its output
+        self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self):
         for line in self.popen.stdout:
-            self.lines.append(line.rstrip("\n"))
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.finished = True
+            self._changed.notify_all()
 
-    def wait_line(self, predicate, timeout=LINE_TIMEOUT):
-        """The first line (new or already seen) for which ``predicate`` is true."""
-        for line in list(self.lines):
-            if predicate(line):
-                return line
+    def mark(self):
+        """The number of lines so far: pass as ``since`` to wait only for later lines."""
+        return len(self.lines)
+
+    def wait_line(self, predicate, timeout=LINE_TIMEOUT, since=0):
+        """The first line from number ``since`` on (already seen or new) matching ``predicate``."""
         deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no expected line from {self.args}; got:\n" +
-                                     "\n".join(self.lines[-40:]))
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise AssertionError(f"{self.args} exited ({self.popen.wait()}) first:\n" +
-                                     "\n".join(self.lines[-40:]))
-            if predicate(line):
-                return line
+        index = since
+        with self._changed:
+            while True:
+                while index < len(self.lines):
+                    line = self.lines[index]
+                    index += 1
+                    if predicate(line):
+                        return line
+                if self.finished:
+                    raise AssertionError(f"{self.args} exited ({self.popen.wait()}) first:\n" +
+                                         "\n".join(self.lines[-40:]))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no expected line from {self.args}; got:\n" +
+                                         "\n".join(self.lines[-40:]))
+                self._changed.wait(remaining)
 
-    def wait_contains(self, text, timeout=LINE_TIMEOUT):
-        """The first line containing ``text``."""
-        return self.wait_line(lambda line: text in line, timeout)
+    def wait_contains(self, text, timeout=LINE_TIMEOUT, since=0):
+        """The first line from number ``since`` on containing ``text``."""
+        return self.wait_line(lambda line: text in line, timeout, since)
 
     def wait_exit(self, timeout=LINE_TIMEOUT):
         """Wait for the process to end and all its output to be read; return the exit code."""
@@ -78,6 +85,10 @@ class Process:
         self.popen.send_signal(signum)
 
     def stop(self):
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(timeout=10)
@@ -88,8 +99,8 @@ class Process:
 class Daemon(Process):
     """A running gconn daemon; ``address[route]`` is where each route really listens."""
 
-    def __init__(self, args, env=None, cwd=None, wait=True):
-        super().__init__(["-m", "gconn", *args], env=env, cwd=cwd)
+    def __init__(self, args, env=None, cwd=None, wait=True, preexec=None):
+        super().__init__(["-m", "gconn", *args], env=env, cwd=cwd, preexec=preexec)
         self.address = {}
         if wait:
             self.wait_ready()
