@@ -10,6 +10,7 @@ from gevent import monkey
 monkey.patch_all()  # before anything below imports socket
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -26,11 +27,17 @@ BUFFER = 64 * 1024  # bytes read at a time per connection
 BACKLOG = 4096  # listen backlog, sized for soak bursts
 
 
-def echo(connection, address):
-    """Echo one connection until the client ends; close it."""
+def echo(connection, address, flip_at=None):
+    """Echo one connection until the client ends; close it.  With ``flip_at`` (tests only)
+    the byte at that stream offset is sent back inverted, to prove that checkers catch it."""
+    position = 0
     try:
         while True:
             data = connection.recv(BUFFER)
+            if flip_at is not None and position <= flip_at < position + len(data):
+                index = flip_at - position
+                data = data[:index] + bytes([data[index] ^ 0xFF]) + data[index + 1:]
+            position += len(data)
             if not data:
                 connection.shutdown(socket.SHUT_WR)  # pass the end of the stream back
                 break
@@ -46,7 +53,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="gconn-echo", description=__doc__.splitlines()[0])
     parser.add_argument("--bind", action="append", required=True, metavar="HOST:PORT",
                         help="address to listen on (repeatable; port 0 picks a free one)")
+    parser.add_argument("--flip-byte-at", type=int, default=None, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
+    handler = echo
+    if options.flip_byte_at is not None:
+        handler = functools.partial(echo, flip_at=options.flip_byte_at)
     raise_open_files_limit()
     servers = []
     try:
@@ -57,7 +68,7 @@ def main(argv=None):
                 print(f"gconn-echo: --bind {text!r}: {error}", file=sys.stderr)
                 return 2
             listener = listen(address, BACKLOG)
-            server = StreamServer(listener, echo)
+            server = StreamServer(listener, handler)
             server.start()
             servers.append(server)
             print(f"listening address={bound_address(listener, address)}", flush=True)

@@ -1,0 +1,1 @@
+"""gconn's tools: the soak (gconn-soak), benchmarks and micro-benchmarks."""
