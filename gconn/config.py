@@ -27,6 +27,7 @@ from .settings import (
 
 DEFAULT_ROUTE_NAME = "default"  # the route made of --bind and --destination
 _SECTION = re.compile(r"^\[\s*([^\]]+?)\s*\]$")
+_ROUTE_SECTION = re.compile(r"^route\s*:\s*")
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _INLINE_COMMENT = re.compile(r"\s[;#].*$")
 
@@ -108,11 +109,9 @@ def read_ini(path):
             continue
         header = _SECTION.match(line)
         if header:
-            sections.append(_Section(header.group(1), number, {}))
+            sections.append(_Section(_ROUTE_SECTION.sub("route:", header.group(1)), number, {}))
             continue
         key, equals, value = line.partition("=")
-        if not equals:
-            key, equals, value = line.partition(":")
         source = f"{path}:{number}"
         if not equals or not key.strip():
             raise ConfigError(f"expected 'key = value', got {raw.strip()!r}", source=source)
@@ -212,6 +211,9 @@ def _assemble(namespace, overrides, sections):
         name = namespace.route_name or DEFAULT_ROUTE_NAME
         given = {key: overrides[key] for key in ("bind", "destinations") if key in overrides}
         origin = next(iter(given.values())).source
+        if not _ROUTE_NAME.match(name):
+            raise ConfigError(f"bad route name {name!r}: use letters, digits, . _ -",
+                              source="flag --route-name", key="route-name")
         if any(section_name == f"route:{name}" for section_name, _, _ in route_inputs):
             raise ConfigError(f"route {name!r} from the command line is also in the file; "
                               "choose another --route-name", source=origin)

@@ -9,17 +9,15 @@ waits until the receiver takes more.
 
 Half-close aware: end-of-stream from one side shuts the other side's write half once everything
 before it was delivered, and the other direction carries on until it ends too.  The pump never
-closes sockets: the session owns them.  The session greenlet waits in ``run`` and gets back how
-the connection ended.
+closes sockets: the session owns them.  It drives the read/write watchers that gevent's sockets
+already own (no watcher of its own per socket) and calls ``on_end(outcome)`` once, from the hub,
+when the connection is over.
 """
 
 import errno
 import socket
 
-from gevent.hub import Waiter, get_hub
-
-READ = 1  # libev EV_READ
-WRITE = 2  # libev EV_WRITE
+from gevent.hub import get_hub
 
 _buffers = {}  # size in bytes -> memoryview over one bytearray shared by every pump in the process
 
@@ -40,12 +38,12 @@ class _Flow:
 
     def __init__(self, pump, source, target, from_client):
         self.pump = pump
-        self.source = source
-        self.target = target
-        self.reader = pump.loop.io(source.fileno(), READ)
-        self.writer = None  # made the first time the target cannot take a whole chunk
+        self.source = getattr(source, "_sock", source)  # the OS socket under gevent's wrapper
+        self.target = getattr(target, "_sock", target)
+        self.reader = source._read_event  # gevent's own watchers for these sockets
+        self.writer = target._write_event
         self.pending = None  # bytes read but not yet taken by the target
-        self.count = 0  # bytes forwarded in this direction
+        self.count = 0  # bytes read from the source (all delivered unless the peer failed)
         self.ended = False  # the source sent end-of-stream
         self.from_client = from_client
 
@@ -76,8 +74,6 @@ class _Flow:
         if sent < received:
             self.pending = bytes(buffer[sent:received])
             self.reader.stop()
-            if self.writer is None:
-                self.writer = self.pump.loop.io(self.target.fileno(), WRITE)
             self.writer.start(self.on_writable)
 
     def on_writable(self):
@@ -89,6 +85,7 @@ class _Flow:
         except OSError as error:
             self.pump.fail(not self.from_client, error)
             return
+        self.pump.active_at = self.pump.loop.now()  # a slow reader taking bytes is not idle
         if sent < len(self.pending):
             self.pending = self.pending[sent:]
             return
@@ -112,41 +109,32 @@ class _Flow:
         self.pump.flow_finished(self)
 
     def stop(self):
-        """Stop and release this direction's watchers; safe to call more than once."""
-        if self.reader is not None:
-            self.reader.stop()
-            self.reader.close()
-            self.reader = None
-        if self.writer is not None:
-            self.writer.stop()
-            self.writer.close()
-            self.writer = None
+        """Stop this direction's watchers (gevent's socket closes them); idempotent."""
+        self.reader.stop()
+        self.writer.stop()
 
 
 class Pump:
     """Forwards between a client and a destination socket until both directions end.
 
-    ``run(idle_timeout)`` blocks the calling greenlet and returns how the connection ended:
-    ``client_closed``, ``destination_closed`` (the side that ended first, cleanly or by reset)
-    or ``idle_timeout``.  An OSError's text is kept in ``error``.  Sockets stay open.
+    ``on_end(outcome)`` is called once, from the hub: ``client_closed`` or
+    ``destination_closed`` (the side that ended first, cleanly or by reset), ``idle_timeout``,
+    or whatever ``end`` was given (``shutdown``).  An OSError's text is kept in ``error``.
+    Sockets stay open; their watchers are stopped before ``on_end`` runs.
     """
 
     __slots__ = ("loop", "buffer", "upstream", "downstream", "active_at", "outcome", "error",
-                 "waiter", "finished", "timer", "idle_timeout")
+                 "on_end", "finished", "timer", "idle_timeout")
 
-    def __init__(self, client, destination, buffer_size):
+    def __init__(self, client, destination, buffer_size, on_end):
         self.loop = get_hub().loop
         self.buffer = _shared_buffer(buffer_size)
-        client.setblocking(False)
-        destination.setblocking(False)
-        raw_client = getattr(client, "_sock", client)  # the OS socket under gevent's wrapper
-        raw_destination = getattr(destination, "_sock", destination)
-        self.upstream = _Flow(self, raw_client, raw_destination, from_client=True)
-        self.downstream = _Flow(self, raw_destination, raw_client, from_client=False)
+        self.upstream = _Flow(self, client, destination, from_client=True)
+        self.downstream = _Flow(self, destination, client, from_client=False)
         self.active_at = self.loop.now()
         self.outcome = None
         self.error = None
-        self.waiter = None
+        self.on_end = on_end
         self.finished = 0  # directions that ended and were passed on
         self.timer = None
         self.idle_timeout = 0
@@ -166,19 +154,14 @@ class Pump:
         """Whether one direction has ended and the other still flows."""
         return self.finished == 1
 
-    def run(self, idle_timeout=0):
-        """Forward until both directions end, one side fails or the idle timeout passes."""
-        self.waiter = Waiter()
+    def start(self, idle_timeout=0):
+        """Start forwarding; returns at once.  ``idle_timeout`` 0 means none."""
         self.idle_timeout = idle_timeout
         if idle_timeout > 0:
             self.timer = self.loop.timer(idle_timeout)
             self.timer.start(self.on_timer)
         self.upstream.reader.start(self.upstream.on_readable)
         self.downstream.reader.start(self.downstream.on_readable)
-        try:
-            return self.waiter.get()
-        finally:
-            self.stop()
 
     def on_timer(self):
         """Close when no byte moved for idle-timeout; else wait out the rest of it."""
@@ -206,11 +189,11 @@ class Pump:
         self.end("client_closed" if client_side else "destination_closed")
 
     def end(self, outcome):
-        """Stop forwarding and wake the session greenlet with ``outcome``."""
-        waiter, self.waiter = self.waiter, None
+        """Stop forwarding and report ``outcome`` to ``on_end``, once."""
+        on_end, self.on_end = self.on_end, None
         self.stop()
-        if waiter is not None:
-            waiter.switch(outcome)
+        if on_end is not None:
+            on_end(outcome)
 
     def stop(self):
         """Stop every watcher; safe to call more than once."""

@@ -1,8 +1,9 @@
-"""A route's acceptor: a gevent StreamServer on the route's listening socket feeding a bounded
-pool of session greenlets.
+"""A route's acceptor: a gevent StreamServer on the route's listening socket that starts one
+session per accepted client, as long as the route's admission has room.
 
-When the pool is full the server stops accepting until a session ends, so clients past
-max-connections wait in the kernel's listen backlog instead of in an unbounded queue in gconn.
+The accept callback runs in the hub (no greenlet per accept); a session spawns its own greenlet
+to connect.  When the route is full the server stops accepting until a session ends, so clients
+past max-connections wait in the kernel's listen backlog instead of an unbounded queue in gconn.
 Accept errors are sorted by class (gevent ``BaseServer._do_read``, trio
 ``_serve_one_listener``): EBADF/EINVAL/ENOTSOCK close the listener (gevent does that);
 EMFILE/ENFILE/ENOBUFS/ENOMEM mean the process is out of a resource, so accepting pauses with
@@ -16,11 +17,11 @@ The listening socket is made by sockets.listen (or inherited) and closed here.
 import logging
 import os
 
-from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from .admission import Admission
 from .destinations import RouteDestinations
-from .session import serve
+from .session import Session
 from .sockets import RESOURCE_ERRORS, bound_address, descriptor_capacity, listen
 
 LOGGER = logging.getLogger("gconn.listener")
@@ -32,15 +33,15 @@ BACKOFF_MAX = 0.25  # the longest pause between accept attempts while still out
 class Acceptor(StreamServer):
     """StreamServer that pauses, instead of spinning or tracing, when out of descriptors."""
 
-    def __init__(self, listener, handle, spawn, route):
-        super().__init__(listener, handle, spawn=spawn)
+    def __init__(self, listener, handle, route):
+        super().__init__(listener, handle, spawn=None)  # handle runs in the hub: no greenlet
         self.route = route
         self.backoff = 0.0  # current pause; 0 while accepting normally
         self.pause_timer = None
 
     def do_read(self):
         """Accept one client; on resource exhaustion pause accepting and return nothing."""
-        if self.route.worker_sessions() >= self.route.descriptor_capacity:
+        if len(self.route.registry) >= self.route.descriptor_capacity:
             self.pause("descriptor capacity reached")
             return None
         try:
@@ -69,6 +70,17 @@ class Acceptor(StreamServer):
         self.pause_timer = self.loop.timer(self.backoff)
         self.pause_timer.start(self._start_accepting_if_started)
 
+    def do_close(self, *args):
+        """StreamServer closes the client when the handler returns: here the session owns it."""
+
+    def full(self):
+        """Whether the route has no room: BaseServer then stops accepting until ``resume``."""
+        return self.route.admission.full()
+
+    def resume(self):
+        """Room again after being full: accept again (if still serving)."""
+        self._start_accepting_if_started()
+
     def close(self):
         if self.pause_timer is not None:
             self.pause_timer.close()
@@ -85,21 +97,20 @@ class RouteServer:
         self.name = config.name
         self.registry = registry
         self.destinations = RouteDestinations(config.destinations, config.strategy)
-        self.pool = Pool(config.max_connections)
         self.accept_exhausted = 0  # accept attempts that found the process out of descriptors
-        self.neighbours = [self]  # every RouteServer of this worker, itself included
         self.owns_address = listener is None  # an inherited unix listener is the supervisor's
         self.socket = listener or listen(config.bind, config.backlog, reuse_port=reuse_port)
         self.address = bound_address(self.socket, config.bind)
-        self.server = Acceptor(self.socket, self.handle, self.pool, self)
-
-    def worker_sessions(self):
-        """Sessions spawned and not yet finished in this worker, over all its routes."""
-        return sum(len(route.pool) for route in self.neighbours)
+        self.server = Acceptor(self.socket, self.handle, self)
+        self.admission = Admission(config.max_connections, on_room=self.server.resume)
 
     def handle(self, client, address):
-        """StreamServer's handler: one session per accepted client."""
-        serve(self, client, address)
+        """StreamServer's handler, in the hub: one session per accepted client."""
+        try:
+            Session(self, client, address).start()
+        except BaseException:
+            client.close()
+            raise
 
     def start(self):
         """Start accepting."""

@@ -29,26 +29,31 @@ def _handler(destination):
 
 
 def setup(process):
-    """Configure the daemon log and the access log from the process settings."""
-    for logger in (LOGGER, ACCESS):
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-            handler.close()
-    handler = _handler(process.log_file)
-    handler.setFormatter(logging.Formatter(DAEMON_FORMAT))
-    handler.addFilter(ContextFilter())
-    LOGGER.addHandler(handler)
-    LOGGER.setLevel(process.log_level.upper())
-    LOGGER.propagate = False
-    ACCESS.propagate = False
-    if process.access_log == "off":
-        ACCESS.disabled = True
-    else:
-        ACCESS.disabled = False
-        access = _handler(process.access_log)
+    """Configure (or reopen) the daemon log and the access log from the process settings.
+
+    The new files are opened before the old handlers are let go, so an OSError (raised to the
+    caller) leaves the running logs as they were.
+    """
+    daemon = _handler(process.log_file)
+    try:
+        access = None if process.access_log == "off" else _handler(process.access_log)
+    except OSError:
+        daemon.close()
+        raise
+    daemon.setFormatter(logging.Formatter(DAEMON_FORMAT))
+    daemon.addFilter(ContextFilter())
+    if access is not None:
         access.setFormatter(logging.Formatter("%(message)s"))
-        ACCESS.addHandler(access)
-        ACCESS.setLevel(logging.INFO)
+    for logger, handler in ((LOGGER, daemon), (ACCESS, access)):
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+            old.close()
+        if handler is not None:
+            logger.addHandler(handler)
+        logger.propagate = False
+    LOGGER.setLevel(process.log_level.upper())
+    ACCESS.setLevel(logging.INFO)
+    ACCESS.disabled = access is None
 
 
 def _quoted(value):

@@ -1,18 +1,23 @@
-"""A worker's live connections: a dict keyed by connection id.
+"""A worker's live sessions: a dict keyed by connection id.
 
 Insert and remove are O(1) on the data path; the registry is walked only to answer an admin
-request or write a summary, never to find work (the event loop finds work: 389 DS's lesson).
+request, write a summary or end what is left at shutdown, never to find work (the event loop
+finds work: 389 DS's lesson).
 """
 
 import itertools
 
+from gevent.event import Event
+
 
 class Registry:
-    """The live connections of one worker process, by id."""
+    """The live sessions of one worker process, by connection id."""
 
     def __init__(self, worker_id=0):
         self.worker_id = worker_id
-        self.connections = {}  # connection id -> ConnectionContext
+        self.sessions = {}  # connection id -> Session (its .context is the admin's view)
+        self.empty = Event()  # set while no session is live
+        self.empty.set()
         self._ids = itertools.count(1)
 
     def next_id(self):
@@ -20,17 +25,27 @@ class Registry:
         number = next(self._ids)
         return f"{self.worker_id}-{number}" if self.worker_id else str(number)
 
-    def add(self, context):
-        """Register a live connection."""
-        self.connections[context.id] = context
+    def add(self, session):
+        """Register a live session."""
+        self.sessions[session.context.id] = session
+        self.empty.clear()
 
-    def remove(self, context):
-        """Forget a finished connection; a second remove is harmless."""
-        self.connections.pop(context.id, None)
+    def remove(self, session):
+        """Forget a finished session; a second remove is harmless."""
+        self.sessions.pop(session.context.id, None)
+        if not self.sessions:
+            self.empty.set()
 
     def __len__(self):
-        return len(self.connections)
+        return len(self.sessions)
 
     def snapshot(self):
-        """A list of every live connection's admin view (walks the registry: admin only)."""
-        return [context.as_dict() for context in list(self.connections.values())]
+        """Every live connection's admin view (walks the registry: admin only)."""
+        return [session.context.as_dict() for session in list(self.sessions.values())]
+
+    def abort_all(self):
+        """End every live session now (shutdown); returns how many there were."""
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            session.abort()
+        return len(sessions)

@@ -75,6 +75,32 @@ def parse_duration(text):
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
+def duration_at_least(lowest, text_lowest):
+    """A duration parser refusing values below ``lowest`` seconds (``0`` allowed if lowest 0)."""
+
+    def parse_bounded_duration(text):
+        value = parse_duration(text)
+        if value < lowest:
+            raise ValueError(f"must be at least {text_lowest}")
+        return value
+
+    parse_bounded_duration.allowed = f"duration >= {text_lowest}: 250ms, 5s, 2m, 8h"
+    return parse_bounded_duration
+
+
+def size_between(low, high, text_range):
+    """A size parser for ``low`` to ``high`` bytes."""
+
+    def parse_bounded_size(text):
+        value = parse_size(text)
+        if not low <= value <= high:
+            raise ValueError(f"must be from {text_range}")
+        return value
+
+    parse_bounded_size.allowed = f"size {text_range}: 4096, 64k, 1m"
+    return parse_bounded_size
+
+
 def parse_size(text):
     """``512``, ``64k``, ``1m`` -> bytes."""
     match = _SIZE.match(text.strip())
@@ -213,7 +239,7 @@ SETTINGS = (
             "worker processes, each with its own event loop and connections; 0: one per CPU core"),
     Setting("loop", PROCESS, one_of(LOOPS), "default",
             "the event loop: gevent's default, libev with a given backend, or libuv"),
-    Setting("worker-timeout", PROCESS, parse_duration, "30s",
+    Setting("worker-timeout", PROCESS, duration_at_least(3.0, "3s"), "30s",
             "a worker whose heartbeat is silent this long is killed and replaced"),
     Setting("log-level", PROCESS, one_of(LOG_LEVELS), "info",
             "how much the daemon logs"),
@@ -234,13 +260,13 @@ SETTINGS = (
             "forwarded connections served at once; further clients wait in the listen backlog"),
     Setting("backlog", ROUTE, integer_between(1, 1_000_000), "4096",
             "the listen backlog: accepted-by-kernel clients not yet taken by gconn"),
-    Setting("connect-timeout", ROUTE, parse_duration, "1s",
+    Setting("connect-timeout", ROUTE, duration_at_least(0.001, "1ms"), "1s",
             "per destination attempt; past it the next destination is tried"),
     Setting("retry-interval", ROUTE, parse_duration, "5s",
             "how long a destination that failed to connect is skipped before it is tried again"),
     Setting("idle-timeout", ROUTE, parse_duration, "8h",
             "no byte either way for this long closes both sides; 0 turns it off"),
-    Setting("buffer-size", ROUTE, parse_size, "64k",
+    Setting("buffer-size", ROUTE, size_between(1024, 16 * MIB, "1k to 16m"), "64k",
             "bytes read from one side at a time; also the most held for a slow reader"),
 )
 

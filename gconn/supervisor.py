@@ -36,6 +36,8 @@ RESTART_BACKOFF_MAX = 10.0  # the longest wait between restarts of a worker that
 YOUNG = 5.0  # seconds: a worker that dies younger than this counts towards backoff
 KILL_GRACE = 5.0  # seconds between TERM and KILL for a worker that overruns its drain
 SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "CHLD")
+STARTING, READY, DRAINING = 0, 1, 2  # a worker's state byte in the heartbeat page
+HELD_SIGNALS = {getattr(signal, f"SIG{name}") for name in SIGNALS if name != "CHLD"}
 
 
 def capacity(open_files_limit, workers):
@@ -54,6 +56,16 @@ def worker_count(config):
     return config.process.workers or os.cpu_count() or 1
 
 
+def describe_exit(code):
+    """``exit code N`` or ``signal NAME`` (``signal N`` for one without a name)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
+
+
 class Heartbeats:
     """A page of shared memory, one monotonic timestamp per worker slot."""
 
@@ -63,7 +75,9 @@ class Heartbeats:
         self.free = list(range(slots - 1, -1, -1))
 
     def take(self):
-        """A free slot, stamped now, not ready."""
+        """A free slot, stamped now, not ready; None when every slot is taken."""
+        if not self.free:
+            return None
         slot = self.free.pop()
         self.beat(slot)
         self.page[8 * self.slots + slot] = 0
@@ -71,13 +85,22 @@ class Heartbeats:
 
     def set_ready(self, slot):
         """Mark ``slot``'s worker as serving every route (called by the worker)."""
-        self.page[8 * self.slots + slot] = 1
+        self.page[8 * self.slots + slot] = READY
+
+    def set_draining(self, slot):
+        """Mark ``slot``'s worker as draining: it accepts no more (called by the worker)."""
+        self.page[8 * self.slots + slot] = DRAINING
 
     def ready(self, slot):
         """Whether ``slot``'s worker has said it serves every route."""
-        return self.page[8 * self.slots + slot] == 1
+        return self.page[8 * self.slots + slot] == READY
+
+    def draining(self, slot):
+        """Whether ``slot``'s worker has said it is draining."""
+        return self.page[8 * self.slots + slot] == DRAINING
 
     def give_back(self, slot):
+        """Return the slot of a worker that has exited."""
         self.free.append(slot)
 
     def beat(self, slot):
@@ -117,6 +140,7 @@ class Supervisor:
         self.deaths = {}  # worker index -> consecutive young deaths
         self.stopping = False
         self.signal_handles = []
+        self.outgoing = []  # the previous generation, retired once the new one is ready
         self.announced = frozenset()  # the worker pids whose readiness was last logged
         self.open_files = raise_open_files_limit()
 
@@ -126,6 +150,9 @@ class Supervisor:
         """Bind every TCP route address once (no listen) to learn port-0 ports and fail early
         on an address in use; return the config with every port fixed."""
         routes = []
+        wanted = {str(route.bind) for route in config.routes}
+        for key in [key for key in self.reservations if key not in wanted]:
+            self.release_reservation(key)  # a route removed or moved by a reload
         for route in config.routes:
             if route.bind.family == "tcp":
                 key = str(route.bind)
@@ -141,6 +168,16 @@ class Supervisor:
             routes.append(route)
         return dataclasses.replace(config, routes=tuple(routes))
 
+    def release_reservation(self, key):
+        """Close a reserved address (and remove a unix socket's file)."""
+        holder = self.reservations.pop(key)
+        holder.close()
+        if key.startswith("unix:"):
+            try:
+                os.unlink(key[len("unix:"):])
+            except OSError:
+                pass
+
     def check_capacity(self, config):
         """Log one warning when the routes' max-connections exceed what the workers can hold."""
         workers = worker_count(config)
@@ -151,6 +188,11 @@ class Supervisor:
                 "max-connections over all routes is %d but %d workers with an open-files limit "
                 "of %d hold at most %d; set workers = %d to reach it", wanted, workers,
                 self.open_files, held, workers_needed(wanted, self.open_files))
+        for route in config.routes:
+            if route.max_connections < workers:
+                LOGGER.warning("route=%s max-connections %d is below the %d workers: each "
+                               "worker serves at most 1, so up to %d at once", route.name,
+                               route.max_connections, workers, workers)
 
     def run(self):
         """Start the workers, then dispatch signals and tend workers until stopped."""
@@ -164,7 +206,7 @@ class Supervisor:
         while self.workers or not self.stopping:
             try:
                 starting = any(not self.heartbeats.ready(w.slot) for w in self.workers.values()
-                               if not w.retiring) or bool(self.wanted_indexes())
+                               if not w.retiring)
                 tick = STARTING_TICK if starting else LOOP_TICK
                 name = self.signals.get(timeout=tick)
             except Empty:
@@ -195,27 +237,37 @@ class Supervisor:
         self.stop(signal.SIGQUIT, KILL_GRACE)
 
     def handle_hup(self):
-        """Reload: new workers take new connections with the re-read config, old ones drain."""
+        """Reload: new workers take new connections with the re-read config; the old ones
+        drain once every new one serves, so no moment is without a listener."""
+        if self.stopping:
+            LOGGER.warning("reload ignored: stopping")
+            return
         try:
             config, _ = load(self.argv)
             config = self.reserve_addresses(config)
+            log.setup(config.process)
         except (ConfigError, StartupError) as error:
             LOGGER.error("reload failed, keeping the running config: %s", error)
             return
+        except OSError as error:
+            LOGGER.error("reload failed, keeping the running config: cannot open log file "
+                         "%s: %s", error.filename, error.strerror)
+            return
         LOGGER.info("reloading: generation %d", self.generation + 1)
         self.config = config
-        log.setup(config.process)
         self.check_capacity(config)
-        old = [worker for worker in self.workers.values() if not worker.retiring]
+        self.outgoing.extend(w for w in self.workers.values() if not w.retiring)
         self.generation += 1
         self.restart_after.clear()
         self.deaths.clear()
         self.spawn_workers()
-        self.retire(old, signal.SIGTERM, config.process.shutdown_timeout + KILL_GRACE)
 
     def handle_usr1(self):
         """Reopen log files (after rotation), here and in every worker."""
-        log.setup(self.config.process)
+        try:
+            log.setup(self.config.process)
+        except OSError as error:
+            LOGGER.error("cannot reopen log file %s: %s", error.filename, error.strerror)
         for worker in self.workers.values():
             self.kill(worker.pid, signal.SIGUSR1)
 
@@ -229,9 +281,9 @@ class Supervisor:
         if self.stopping and signum == signal.SIGTERM:
             signum, grace = signal.SIGQUIT, KILL_GRACE
         self.stopping = True
-        for holder in self.reservations.values():
-            holder.close()
-        self.reservations.clear()
+        for key in list(self.reservations):
+            self.release_reservation(key)
+        self.outgoing.clear()
         self.retire(list(self.workers.values()), signum, grace)
 
     def retire(self, workers, signum, grace):
@@ -259,18 +311,37 @@ class Supervisor:
     def spawn_worker(self, index):
         """Fork one worker; the child never returns from here."""
         slot = self.heartbeats.take()
-        pid = os.fork()
+        if slot is None:
+            LOGGER.error("no heartbeat slot free for worker %d; retrying", index)
+            self.restart_after[index] = time.monotonic() + RESTART_BACKOFF_MAX
+            return
+        supervisor_pid = os.getpid()
+        # Signals are held across the fork: one arriving in between would otherwise run the
+        # supervisor's inherited handler in the child and be lost there.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+            raise
         if pid == 0:
-            self.become_worker(index, slot)
+            self.become_worker(index, slot, supervisor_pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         self.workers[pid] = WorkerProcess(index, self.generation, pid, slot, time.monotonic())
         LOGGER.info("worker %d started pid=%d generation=%d", index, pid, self.generation)
 
-    def become_worker(self, index, slot):
+    def become_worker(self, index, slot, supervisor_pid):
         """In the forked child: drop the supervisor's signals, run a worker, never return."""
         code = 1
         try:
             for handle in self.signal_handles:
                 handle.cancel()
+            # A terminal's Ctrl-C or hang-up reaches the whole process group: the supervisor
+            # relays what it means, so the worker itself ignores INT and HUP.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker reopens logs
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # TERM now: default exit
             listeners = {}
             for key, holder in self.reservations.items():
                 if key.startswith("unix:"):
@@ -278,7 +349,8 @@ class Supervisor:
                 else:
                     holder.close()  # the port reservation stays with the supervisor
             code = worker_process(self.config, index, worker_count(self.config),
-                                  self.heartbeats, slot, self.generation, listeners)
+                                  self.heartbeats, slot, self.generation, listeners,
+                                  supervisor_pid)
         except BaseException:
             LOGGER.exception("worker %d failed", index)
         finally:
@@ -295,6 +367,9 @@ class Supervisor:
         if pids != self.announced and all(self.heartbeats.ready(w.slot) for w in current):
             self.announced = pids
             LOGGER.info("ready workers=%d generation=%d", len(current), self.generation)
+            outgoing, self.outgoing = self.outgoing, []
+            self.retire([w for w in outgoing if w.pid in self.workers], signal.SIGTERM,
+                        self.config.process.shutdown_timeout + KILL_GRACE)
 
     def reap_workers(self):
         """Collect exited workers; schedule replacements with backoff for young deaths."""
@@ -310,7 +385,7 @@ class Supervisor:
                 continue
             self.heartbeats.give_back(worker.slot)
             code = os.waitstatus_to_exitcode(status)
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            how = describe_exit(code)
             if worker.retiring:
                 LOGGER.info("worker %d pid=%d finished (%s)", worker.index, pid, how)
                 continue
@@ -327,10 +402,19 @@ class Supervisor:
         """Kill a worker that has not stamped its heartbeat for worker-timeout."""
         timeout = self.config.process.worker_timeout
         for worker in list(self.workers.values()):
-            if not worker.retiring and self.heartbeats.age(worker.slot) > timeout:
-                LOGGER.error("worker %d pid=%d silent for %.0fs; killing it", worker.index,
-                             worker.pid, timeout)
+            if worker.retiring:
+                continue
+            silent = self.heartbeats.age(worker.slot)
+            if silent > timeout:
+                LOGGER.error("worker %d pid=%d silent for %.1fs; killing it", worker.index,
+                             worker.pid, silent)
                 self.kill(worker.pid, signal.SIGKILL)
+            elif self.heartbeats.draining(worker.slot):
+                LOGGER.warning("worker %d pid=%d is draining on its own; replacing it",
+                               worker.index, worker.pid)
+                worker.retiring = True
+                worker.kill_at = time.monotonic() + self.config.process.shutdown_timeout \
+                    + KILL_GRACE
 
     def escalate(self):
         """SIGKILL retiring workers that overran their deadline."""

@@ -50,7 +50,6 @@ class Worker:
             for route in self.config.routes:
                 inherited = self.listeners.get(str(route.bind))
                 self.routes.append(RouteServer(route, self.registry, self.reuse_port, inherited))
-                self.routes[-1].neighbours = self.routes
         except BaseException:
             for server in self.routes:
                 server.stop_accepting()
@@ -68,14 +67,19 @@ class Worker:
         self.stopping.set()
 
     def handle_usr1(self):
-        """USR1: reopen the log files."""
-        log.setup(self.config.process)
+        """USR1: reopen the log files (the old ones stay if the new cannot be opened)."""
+        try:
+            log.setup(self.config.process)
+        except OSError as error:
+            LOGGER.error("cannot reopen log file %s: %s", error.filename, error.strerror)
 
     def run(self):
         """Bind, serve until a signal, drain within shutdown-timeout; return the exit code."""
         self.bind()
-        handlers = {signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_term,
-                    signal.SIGQUIT: self.handle_quit, signal.SIGUSR1: self.handle_usr1}
+        handlers = {signal.SIGTERM: self.handle_term, signal.SIGQUIT: self.handle_quit,
+                    signal.SIGUSR1: self.handle_usr1}
+        if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:  # not forked by the supervisor
+            handlers[signal.SIGINT] = self.handle_term
         for signum, handler in handlers.items():
             gevent.signal_handler(signum, handler)
         for server in self.routes:
@@ -93,15 +97,10 @@ class Worker:
             server.stop_accepting()
         LOGGER.info("stopping: refusing new connections, draining %d live for up to %.1fs",
                     len(self.registry), 0 if self.stop_now.is_set() else timeout)
-        pools = [server.pool for server in self.routes]
-        waiter = gevent.spawn(lambda: [pool.join() for pool in pools])
-        gevent.wait([waiter, self.stop_now], timeout=timeout, count=1)
-        waiter.kill()
-        left = len(self.registry)
+        gevent.wait([self.registry.empty, self.stop_now], timeout=timeout, count=1)
+        left = self.registry.abort_all()
         if left:
-            LOGGER.info("closing %d connections still live", left)
-        for pool in pools:
-            pool.kill(block=True, timeout=5)
+            LOGGER.info("closed %d connections still live", left)
         LOGGER.info("worker stopped")
 
 
@@ -138,14 +137,14 @@ def worker_config(config, index, count):
     return dataclasses.replace(config, routes=routes)
 
 
-def worker_process(config, index, count, heartbeats, slot, generation, listeners):
+def worker_process(config, index, count, heartbeats, slot, generation, listeners,
+                   supervisor_pid):
     """The body of a forked worker: title, heartbeat, serve; returns the exit code."""
     try:
         import setproctitle
         setproctitle.setproctitle(f"gconn: worker {index} (generation {generation})")
     except ImportError:
         pass
-    supervisor_pid = os.getppid()
     worker = Worker(worker_config(config, index, count), worker_id=os.getpid(), reuse_port=True,
                     listeners=listeners)
     worker.on_ready = lambda: heartbeats.set_ready(slot)
@@ -153,13 +152,17 @@ def worker_process(config, index, count, heartbeats, slot, generation, listeners
     trimmer = MemoryTrimmer()
 
     def heartbeat():
-        while not worker.stopping.is_set():
+        """Stamp liveness until the process exits (draining included); leave if orphaned."""
+        orphaned = False
+        while True:
             heartbeats.beat(slot)
+            if worker.stopping.is_set():
+                heartbeats.set_draining(slot)
             trimmer.observe(len(worker.registry))
-            if os.getppid() != supervisor_pid:
+            if not orphaned and os.getppid() != supervisor_pid:
+                orphaned = True
                 LOGGER.warning("supervisor pid=%d is gone; draining", supervisor_pid)
                 worker.handle_term()
-                return
             gevent.sleep(HEARTBEAT_INTERVAL)
 
     beating = gevent.spawn(heartbeat)

@@ -38,6 +38,10 @@ BAD_CONFIGS = [
     ("bad max-connections", ROUTE + "max-connections = -3\n", 4, "max-connections"),
     ("backup without fallback strategy",
      "[route:a]\nbind = 127.0.0.1:0\ndestinations = h:1, h:2 backup\n", 3, "destinations"),
+    ("zero connect-timeout", ROUTE + "connect-timeout = 0\n", 4, "connect-timeout"),
+    ("zero buffer-size", ROUTE + "buffer-size = 0\n", 4, "buffer-size"),
+    ("worker-timeout below heartbeats", "[gconn]\nworker-timeout = 0\n" + ROUTE, 2,
+     "worker-timeout"),
     ("unknown section", "[routes]\nbind = 1\n", 1, None),
     ("line without equals", ROUTE + "just words\n", 4, None),
 ]

@@ -13,7 +13,8 @@ from conftest import connect, stop_gracefully
 def test_sigterm_mid_transfer_completes_refuses_new_and_exits_0(start_echo, start_daemon):
     """A transfer under way when SIGTERM arrives completes intact; new clients are refused."""
     echo = start_echo()
-    daemon = start_daemon("--bind", "127.0.0.1:0", "--destination", echo.address)
+    daemon = start_daemon("--workers", "2", "--bind", "127.0.0.1:0",
+                          "--destination", echo.address)
     port = daemon.port()
     data = os.urandom(16 * 1024 * 1024)
     half = len(data) // 2
@@ -26,8 +27,10 @@ def test_sigterm_mid_transfer_completes_refuses_new_and_exits_0(start_echo, star
         assert chunk
         received.update(chunk)
         count += len(chunk)
+    mark = daemon.mark()
     daemon.signal(signal.SIGTERM)
-    daemon.wait_contains("refusing new connections")
+    first = daemon.wait_contains("refusing new connections", since=mark)
+    daemon.wait_contains("refusing new connections", since=daemon.lines.index(first) + 1)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
     sender = threading.Thread(target=lambda: (client.sendall(data[half:]),

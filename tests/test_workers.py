@@ -92,6 +92,8 @@ def test_three_workers_share_accepts(start_echo, start_daemon):
     owners = collections.Counter()
     clients = [connect(daemon.port()) for _ in range(90)]
     for client in clients:
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"  # accepted and forwarding: a worker holds it now
         owners[owner_of(client, pids)] += 1
     for client in clients:
         client.close()
@@ -146,8 +148,11 @@ def test_hup_reloads_destinations_while_old_streams_finish(tmp_path, tag_servers
         assert reader.readline() == b"d0\n"  # the tag comes before the echo
     stream.first_half()
     write_config(path, f"127.0.0.1:{new.port}")
+    mark = daemon.mark()
     daemon.signal(signal.SIGHUP)
-    daemon.wait_contains("ready workers=2 generation=1")
+    daemon.wait_contains("ready workers=2 generation=1", since=mark)
+    first = daemon.wait_contains("refusing new connections", since=mark)  # old ones retire
+    daemon.wait_contains("refusing new connections", since=daemon.lines.index(first) + 1)
     assert [which_tag(port) for _ in range(6)] == ["d1"] * 6
     assert stream.finish()
 
@@ -168,7 +173,7 @@ def test_hup_with_broken_config_keeps_serving(tmp_path, tag_servers, start_daemo
 def test_hung_worker_is_killed_and_replaced(start_echo, start_daemon):
     """A worker that stops its heartbeat (SIGSTOP) is killed after worker-timeout and replaced."""
     echo = start_echo()
-    daemon = start_daemon("--workers", "1", "--worker-timeout", "2s", "--bind", "127.0.0.1:0",
+    daemon = start_daemon("--workers", "1", "--worker-timeout", "3s", "--bind", "127.0.0.1:0",
                           "--destination", echo.address)
     victim = worker_pids(daemon)[0]
     mark = daemon.mark()
@@ -235,3 +240,65 @@ def test_out_of_descriptors_pauses_accepts_without_harming_live_ones(start_echo,
         client.close()
     data = os.urandom(10_000)
     wait_for(lambda: echo_roundtrip(daemon.port(), data)[1] == len(data), what="recovery")
+
+
+def test_ctrl_c_to_the_process_group_drains_instead_of_cutting(start_echo, start_daemon):
+    """SIGINT to the whole group (a terminal's Ctrl-C): live connections drain, not cut."""
+    echo = start_echo()
+    daemon = start_daemon("--workers", "2", "--shutdown-timeout", "30s",
+                          "--bind", "127.0.0.1:0", "--destination", echo.address)
+    with connect(daemon.port()) as client:
+        client.sendall(b"before")
+        assert client.recv(10) == b"before"
+        mark = daemon.mark()
+        os.killpg(daemon.popen.pid, signal.SIGINT)
+        first = daemon.wait_contains("refusing new connections", since=mark)
+        daemon.wait_contains("refusing new connections", since=daemon.lines.index(first) + 1)
+        client.sendall(b"during the drain")
+        assert client.recv(100) == b"during the drain"
+    assert daemon.wait_exit() == 0
+
+
+def test_hangup_to_the_process_group_reloads_without_killing_workers(start_echo,
+                                                                     start_daemon):
+    """SIGHUP to the whole group: a reload, and no worker dies of the signal."""
+    echo = start_echo()
+    daemon = start_daemon("--workers", "2", "--bind", "127.0.0.1:0",
+                          "--destination", echo.address)
+    with connect(daemon.port()) as client:
+        mark = daemon.mark()
+        os.killpg(daemon.popen.pid, signal.SIGHUP)
+        daemon.wait_contains("ready workers=2 generation=1", since=mark)
+        client.sendall(b"still here")
+        assert client.recv(100) == b"still here"
+    assert not any("died" in line for line in daemon.lines[mark:])
+
+
+def test_hup_during_a_drain_is_ignored(start_echo, start_daemon):
+    """HUP after TERM does not bring the daemon back: it finishes stopping."""
+    echo = start_echo()
+    daemon = start_daemon("--workers", "1", "--bind", "127.0.0.1:0",
+                          "--destination", echo.address)
+    with connect(daemon.port()) as client:  # keeps the drain going until it leaves
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        mark = daemon.mark()
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_contains("refusing new connections", since=mark)
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_contains("reload ignored: stopping", since=mark)
+    assert daemon.wait_exit() == 0
+    assert not any("generation=1" in line for line in daemon.lines[mark:])
+
+
+def test_worker_killed_by_a_realtime_signal_is_replaced(start_echo, start_daemon):
+    """A worker killed by a signal with no name (SIGRTMIN+6) is reported and replaced."""
+    echo = start_echo()
+    daemon = start_daemon("--workers", "1", "--bind", "127.0.0.1:0",
+                          "--destination", echo.address)
+    victim = worker_pids(daemon)[0]
+    mark = daemon.mark()
+    os.kill(victim, signal.SIGRTMIN + 6)
+    daemon.wait_contains(f"pid={victim} died (signal {signal.SIGRTMIN + 6})", since=mark)
+    daemon.wait_contains("ready workers=1", since=mark)
+    assert echo_roundtrip(daemon.port(), b"alive")[1] == 5
