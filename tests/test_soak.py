@@ -46,7 +46,10 @@ def test_small_soak_reports_every_field_and_passes(tmp_path):
     assert gconn["fds_peak"] >= gconn["fds_baseline"] + 2 * 2000
     assert gconn["fds_after"] == gconn["fds_baseline"]
     assert gconn["rss_per_connection_kb"] > 0 and gconn["cpu_seconds"] > 0
-    assert report["leak_check"]["passed"] and report["passed"]
+    assert gconn["rss_after_second_wave_mb"] > 0
+    assert report["leak_check"] == {"descriptors_returned": True,
+                                    "rss_stable_over_second_wave": True, "passed": True}
+    assert report["passed"] and report["ramp_s"] > 0 and report["connect_rate_per_s"] > 0
     assert "gconn-soak report" in output and "PASSED" in output
 
 

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where tools/ lives
 CLIENTS_PER_PROCESS = 15_000  # client sockets per client process (limit 20,000 descriptors)
 CONNECTIONS_PER_ECHO_PORT = 20_000  # below the ~28,000 ephemeral ports per source/destination
 CONNECTIONS_PER_ECHO_PROCESS = 15_000  # echo sockets per echo process
@@ -32,9 +33,9 @@ WORKER_HEADROOM = 1.25  # gconn workers for this many times the clients (accepts
 DESCRIPTOR_RESERVE = 64  # as gconn.sockets: descriptors a worker keeps for itself
 READY_TIMEOUT = 60.0  # seconds to wait for a started process to say it is ready
 SETTLE_TIMEOUT = 60.0  # seconds gconn may take to return to baseline after the clients leave
-RSS_RETURN = 0.5  # the leak check fails if gconn keeps more than this share of its RSS growth
-RSS_NOISE = 8 * 2**20  # bytes per gconn process kept after a wave that are allocator noise
-RSS_SETTLE = 5.0  # seconds after the descriptors return for memory to be handed back
+RSS_REGROWTH = 0.1  # a second wave may grow RSS by this share of the first wave's growth
+RSS_NOISE = 2 * 2**20  # bytes per gconn process of growth that are allocator noise
+RSS_SETTLE = 2.5  # seconds after the descriptors return for the workers to trim memory
 PROGRESS_EVERY = 2.0  # seconds between progress lines
 SAMPLE_EVERY = 1.0  # seconds between samples of gconn's memory and descriptors (cheap enough
 # for 50,000 connections: num_fds lists /proc/PID/fd of every worker)
@@ -63,6 +64,8 @@ def parse_args(argv):
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON here")
     parser.add_argument("--plot", metavar="FILE.png",
                         help="draw concurrency and p99 over time (needs matplotlib)")
+    parser.add_argument("--no-second-wave", dest="second_wave", action="store_false",
+                        help="skip the leak check's second wave (connect all, close at once)")
     parser.add_argument("--echo-args", default="", help=argparse.SUPPRESS)  # tests: bad echo
     options = parser.parse_args(argv)
     if options.clients < 1 or options.rate <= 0 or options.duration < 0 or options.payload < 0:
@@ -210,19 +213,21 @@ class GconnProbe:
         return totals
 
 
-def start_clients(fleet, options, target):
+def start_clients(fleet, options, target, duration=None, interval=None):
     """Start the client processes; return them (each writes JSON lines to its stdout)."""
+    duration = options.duration if duration is None else duration
+    interval = options.interval if interval is None else interval
     count = max(1, math.ceil(options.clients / CLIENTS_PER_PROCESS))
     processes = []
     for index in range(count):
         share = options.clients // count + (1 if index < options.clients % count else 0)
         args = [sys.executable, "-m", "tools.soak_client", "--target", target,
                 "--clients", str(share), "--rate", str(options.rate / count),
-                "--duration", str(options.duration), "--interval", str(options.interval),
+                "--duration", str(duration), "--interval", str(interval),
                 "--payload", str(options.payload), "--churn", str(options.churn),
                 "--index", str(index)]
-        process = fleet.start(f"clients{index}", args, stdout=subprocess.PIPE, text=True,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        process = fleet.start(f"clients{index}-{len(fleet.processes)}", args,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
         os.set_blocking(process.stdout.fileno(), False)
         process.buffer = ""
         process.latest = {}
@@ -325,7 +330,15 @@ def run(options):
     total = combine(clients)
     settled = after = None
     if probe and not gconn_died:
-        settled, after = settle(probe, baseline, peak)
+        settled, after = settle(probe, baseline)
+        if settled and options.second_wave:
+            print("gconn-soak: second wave (connect all, close at once) for the leak check",
+                  flush=True)
+            wave = start_clients(fleet, options, target, duration=0.0, interval=3600.0)
+            for process in wave:
+                process.wait()
+            settled, second = settle(probe, baseline)
+            after = dict(after, second_rss=second["rss"] if second else None)
         gconn_died = not probe.alive()
     ramps = [process.ramped for process in clients]
     ramp = max(ramps) if all(r is not None for r in ramps) else None
@@ -337,30 +350,31 @@ def run(options):
     return report, verdict(report, options)
 
 
-def settle(probe, baseline, peak):
-    """Wait until gconn's descriptors are back to baseline and its memory has been handed
-    back (workers trim once a second after a wave); return (descriptors back, last sample)."""
+def settle(probe, baseline):
+    """Wait until gconn's descriptors are back to baseline, then for its workers to trim
+    (once a second after a wave); return (descriptors back, last sample)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    memory_deadline = None
     while True:
         sample = probe.sample()
         if sample is None:
             return False, None
-        now = time.monotonic()
         if sample["fds"] <= baseline["fds"]:
-            memory_deadline = memory_deadline or now + RSS_SETTLE
-            if kept_within_bounds(sample, baseline, peak) or now > memory_deadline:
-                return True, sample
-        if now > deadline:
+            time.sleep(RSS_SETTLE)  # letting the workers' heartbeat trim freed memory
+            return True, probe.sample() or sample
+        if time.monotonic() > deadline:
             return False, sample
-        time.sleep(0.2)  # polling descriptor and memory figures until they return
+        time.sleep(0.2)  # polling descriptor counts until they return
 
 
-def kept_within_bounds(after, baseline, peak):
-    """Whether the RSS gconn kept after a wave is within noise or half of the growth."""
-    kept = after["rss"] - baseline["rss"]
-    growth = max(0, peak["rss"] - baseline["rss"]) if peak else 0
-    return kept <= max(RSS_RETURN * growth, RSS_NOISE * after["processes"])
+def memory_stable(after, peak, baseline):
+    """Whether a second wave of the same clients left RSS where the first left it: memory
+    kept after the first wave is the allocators' reuse pool, memory that grows again is a
+    leak."""
+    if after.get("second_rss") is None:
+        return None
+    growth = max(0, peak["rss"] - baseline["rss"])
+    return after["second_rss"] - after["rss"] <= max(RSS_REGROWTH * growth,
+                                                      RSS_NOISE * after["processes"])
 
 
 def build_report(options, target, total, peak_open, baseline, peak, after, settled, died,
@@ -392,14 +406,16 @@ def build_report(options, target, total, peak_open, baseline, peak, after, settl
         }
         if after:
             kept = (after["rss"] - baseline["rss"]) / growth if growth > 0 else 0.0
+            second = after.get("second_rss")
             report["gconn"].update({
                 "fds_after": after["fds"], "rss_after_mb": round(after["rss"] / 2**20, 1),
                 "rss_growth_kept": round(kept, 3),
+                "rss_after_second_wave_mb": None if second is None else round(second / 2**20, 1),
                 "cpu_seconds_total": round(after["cpu"] - baseline["cpu"], 2)})
-            returned = kept_within_bounds(after, baseline, peak)
+            stable = memory_stable(after, peak, baseline)
             report["leak_check"] = {
-                "descriptors_returned": bool(settled), "rss_returned": returned,
-                "passed": bool(settled) and returned}
+                "descriptors_returned": bool(settled), "rss_stable_over_second_wave": stable,
+                "passed": bool(settled) and stable is not False}
     return report
 
 
@@ -444,7 +460,9 @@ def print_table(report):
                  ("gconn RSS per connection KB", gconn["rss_per_connection_kb"]),
                  ("gconn CPU seconds", gconn.get("cpu_seconds_total", gconn["cpu_seconds"])),
                  ("gconn descriptors base / peak / after",
-                  f"{gconn['fds_baseline']} / {gconn['fds_peak']} / {gconn.get('fds_after')}")]
+                  f"{gconn['fds_baseline']} / {gconn['fds_peak']} / {gconn.get('fds_after')}"),
+                 ("gconn RSS after wave / second wave MB",
+                  f"{gconn.get('rss_after_mb')} / {gconn.get('rss_after_second_wave_mb')}")]
     if report.get("leak_check"):
         rows.append(("leak check", "passed" if report["leak_check"]["passed"] else
                      f"FAILED {report['leak_check']}"))
