@@ -13,7 +13,7 @@ class Destination:
     """One destination of one route, with the counters a strategy and the admin need."""
 
     __slots__ = ("address", "backup", "healthy", "failed_until", "active", "last_error",
-                 "connected_total", "failed_total")
+                 "connected_total", "failed_total", "check_streak")
 
     def __init__(self, spec):
         self.address = spec.address
@@ -24,6 +24,7 @@ class Destination:
         self.last_error = None
         self.connected_total = 0
         self.failed_total = 0
+        self.check_streak = 0  # consecutive check results against the current state
 
     def __repr__(self):
         return f"<Destination {self.address} active={self.active} healthy={self.healthy}>"
@@ -48,6 +49,29 @@ class Destination:
         """A forwarded connection to this destination ended."""
         self.active -= 1
 
+    def check_result(self, ok, rise, fall):
+        """Apply one active health check (HAProxy's rise/fall): a healthy destination goes
+        down after ``fall`` failed checks in a row, a down one comes back after ``rise``
+        good ones.  Returns True when this check changed ``healthy``."""
+        if ok == self.healthy:
+            self.check_streak = 0
+            return False
+        self.check_streak += 1
+        if self.check_streak < (rise if ok else fall):
+            return False
+        self.check_streak = 0
+        self.healthy = ok
+        if ok:
+            self.failed_until = 0.0
+        return True
+
+    def quarantine(self, error):
+        """A connection attempt failed while health checks run: out of rotation until the
+        checks see it healthy ``rise`` times (MySQL Router's quarantine)."""
+        self.healthy = False
+        self.check_streak = 0
+        self.last_error = error
+
 
 class RouteDestinations:
     """A route's destinations, its strategy and its turn counter.
@@ -69,7 +93,17 @@ class RouteDestinations:
         self.turn += 1
         return chosen
 
-    def set_health(self, destination, healthy):
-        """Record a health check's verdict on ``destination``."""
+    def check_result(self, destination, ok, rise, fall):
+        """Record a health check on ``destination``; True when its health changed."""
         with self.lock.writing():
-            destination.healthy = healthy
+            return destination.check_result(ok, rise, fall)
+
+    def quarantine(self, destination, error):
+        """Take ``destination`` out of rotation after a failed connection attempt."""
+        with self.lock.writing():
+            destination.quarantine(error)
+
+    def has_candidates(self, now):
+        """Whether the strategy would offer any destination now (the turn does not move)."""
+        with self.lock.reading():
+            return bool(self.choose(self.destinations, self.turn, now))

@@ -1,9 +1,11 @@
-"""A route's acceptor: a gevent StreamServer on the route's listening socket that starts one
-session per accepted client, as long as the route's admission has room.
+"""A route's acceptor: a gevent StreamServer on the route's listening socket whose accept
+callback carries out the route's admission decisions (admission.py).
 
-The accept callback runs in the hub (no greenlet per accept); a session spawns its own greenlet
-to connect.  When the route is full the server stops accepting until a session ends, so clients
-past max-connections wait in the kernel's listen backlog instead of an unbounded queue in gconn.
+The accept callback runs in the hub (no greenlet per accept) and never waits: a client is
+admitted (its session spawns a greenlet to connect), queued (bounded, in arrival order, one
+timer per route for the queue-timeout), or shed at once with the shed-message and a counted
+reason (blocked_host, no_destination, queue_full, queue_timeout), so a full or flooded route
+never stalls the others.
 Accept errors are sorted by class (gevent ``BaseServer._do_read``, trio
 ``_serve_one_listener``): EBADF/EINVAL/ENOTSOCK close the listener (gevent does that);
 EMFILE/ENFILE/ENOBUFS/ENOMEM mean the process is out of a resource, so accepting pauses with
@@ -16,16 +18,31 @@ The listening socket is made by sockets.listen (or inherited) and closed here.
 
 import logging
 import os
+import time
 
+from gevent.hub import get_hub
 from gevent.server import StreamServer
 
-from .admission import Admission
+from .admission import (
+    ADMIT,
+    BLOCKED_HOST,
+    NO_DESTINATION,
+    QUEUE,
+    QUEUE_FULL,
+    QUEUE_TIMEOUT,
+    Admission,
+    HostBlocker,
+)
 from .destinations import RouteDestinations
+from .health import HealthChecks
+from .local import ConnectionContext
+from .log import log_access
 from .session import Session
-from .sockets import RESOURCE_ERRORS, bound_address, descriptor_capacity, listen
+from .sockets import RESOURCE_ERRORS, bound_address, descriptor_capacity, listen, peer_name
 
 LOGGER = logging.getLogger("gconn.listener")
 
+ACCEPT_BATCH = 16  # clients taken per readiness event: a flood cannot hog the loop (gevent: 100)
 BACKOFF_MIN = 0.01  # seconds of the first pause after running out of descriptors
 BACKOFF_MAX = 0.25  # the longest pause between accept attempts while still out
 
@@ -35,13 +52,15 @@ class Acceptor(StreamServer):
 
     def __init__(self, listener, handle, route):
         super().__init__(listener, handle, spawn=None)  # handle runs in the hub: no greenlet
+        self.max_accept = ACCEPT_BATCH
         self.route = route
         self.backoff = 0.0  # current pause; 0 while accepting normally
         self.pause_timer = None
 
     def do_read(self):
         """Accept one client; on resource exhaustion pause accepting and return nothing."""
-        if len(self.route.registry) >= self.route.descriptor_capacity:
+        route = self.route
+        if len(route.registry) + len(route.admission.waiting) >= route.descriptor_capacity:
             self.pause("descriptor capacity reached")
             return None
         try:
@@ -73,14 +92,6 @@ class Acceptor(StreamServer):
     def do_close(self, *args):
         """StreamServer closes the client when the handler returns: here the session owns it."""
 
-    def full(self):
-        """Whether the route has no room: BaseServer then stops accepting until ``resume``."""
-        return self.route.admission.full()
-
-    def resume(self):
-        """Room again after being full: accept again (if still serving)."""
-        self._start_accepting_if_started()
-
     def close(self):
         if self.pause_timer is not None:
             self.pause_timer.close()
@@ -89,7 +100,8 @@ class Acceptor(StreamServer):
 
 
 class RouteServer:
-    """One route in one process: its listener, session pool, destinations and registry."""
+    """One route in one process: listener, admission (queue, shedding, blocked hosts),
+    destinations with their health checks, and the worker's registry."""
 
     def __init__(self, config, registry, reuse_port=False, listener=None):
         self.config = config
@@ -97,31 +109,110 @@ class RouteServer:
         self.name = config.name
         self.registry = registry
         self.destinations = RouteDestinations(config.destinations, config.strategy)
+        self.health = HealthChecks(self)
         self.accept_exhausted = 0  # accept attempts that found the process out of descriptors
         self.owns_address = listener is None  # an inherited unix listener is the supervisor's
         self.socket = listener or listen(config.bind, config.backlog, reuse_port=reuse_port)
         self.address = bound_address(self.socket, config.bind)
         self.server = Acceptor(self.socket, self.handle, self)
-        self.admission = Admission(config.max_connections, on_room=self.server.resume)
+        self.admission = Admission(config.max_connections, config.max_queued,
+                                   config.queue_timeout)
+        self.blocker = HostBlocker(config.max_connect_errors, config.blocked_host_time)
+        self.queue_timer = None
+        self.loop = get_hub().loop
 
     def handle(self, client, address):
-        """StreamServer's handler, in the hub: one session per accepted client."""
+        """StreamServer's handler, in the hub: admit, queue or shed one accepted client."""
         try:
-            Session(self, client, address).start()
+            now = time.monotonic()
+            host = address[0] if isinstance(address, tuple) else "unix"
+            if self.blocker.blocked(host, now):
+                return self.shed(client, address, BLOCKED_HOST)
+            if not self.destinations.has_candidates(now):
+                return self.shed(client, address, NO_DESTINATION)
+            decision = self.admission.arrive((client, address), now)
+            if decision == ADMIT:
+                Session(self, client, address).start()
+            elif decision == QUEUE:
+                self.arm_queue_timer()
+            else:
+                self.shed(client, address, decision)
         except BaseException:
             client.close()
             raise
 
+    def shed(self, client, address, reason):
+        """Refuse one client at once: the shed-message, the close, the count, the log line."""
+        if reason not in (QUEUE_FULL, QUEUE_TIMEOUT):
+            self.admission.count_shed(reason)
+        message = self.config.shed_message
+        if message:
+            try:
+                client._sock.send(message)  # best effort, never waits: the client is leaving
+            except OSError:
+                pass
+        client.close()
+        context = ConnectionContext(self.registry.next_id(), self.name, peer_name(address))
+        context.phase = "closed"
+        log_access(context, reason, 0.0)
+
+    def arm_queue_timer(self):
+        """One timer per route, due when the longest-waiting client's wait runs out."""
+        if self.queue_timer is None:
+            deadline = self.admission.next_deadline()
+            if deadline is not None:
+                self.queue_timer = self.loop.timer(max(0.0, deadline - time.monotonic()))
+                self.queue_timer.start(self.on_queue_timer)
+
+    def on_queue_timer(self):
+        """Shed the waiting clients whose queue-timeout has passed; re-arm for the next."""
+        self.queue_timer.close()
+        self.queue_timer = None
+        for client, address in self.admission.expired(time.monotonic()):
+            self.shed(client, address, QUEUE_TIMEOUT)
+        self.arm_queue_timer()
+
+    def session_ended(self, session, end, duration):
+        """A session finished: count it for its host, hand its slot to the next waiting."""
+        now = time.monotonic()
+        if end == "connect_failed" or (
+                end == "client_closed" and session.context.bytes_up == 0
+                and duration < self.config.client_connect_timeout):
+            if self.blocker.failed(session.host, now):
+                LOGGER.warning("route=%s client host %s blocked for %.0fs after %d failed "
+                               "connections", self.name, session.host,
+                               self.config.blocked_host_time, self.config.max_connect_errors)
+        elif session.context.bytes_up:
+            self.blocker.succeeded(session.host)
+        waiting = self.admission.release(now)
+        if waiting is not None:
+            Session(self, *waiting).start()
+
     def start(self):
-        """Start accepting."""
+        """Start accepting and checking destinations."""
         self.server.start()
+        self.health.start()
         LOGGER.info("listening route=%s address=%s", self.name, self.address)
 
     def stop_accepting(self):
-        """Close the listener: new clients are refused, live sessions go on."""
+        """Close the listener: new clients are refused, live sessions go on; waiting clients
+        are shed (they would wait for a slot that a draining worker will not give)."""
         self.server.close()
+        self.health.stop()
+        if self.queue_timer is not None:
+            self.queue_timer.close()
+            self.queue_timer = None
+        for client, address in self.admission.drop_waiting():
+            self.shed(client, address, QUEUE_TIMEOUT)
         if self.config.bind.family == "unix" and self.owns_address:
             try:
                 os.unlink(self.config.bind.path)
             except OSError:
                 pass
+
+    def summary(self):
+        """One line of this route's admission counters (logged when the worker stops)."""
+        counts = " ".join(f"shed_{reason}={count}"
+                          for reason, count in self.admission.shed.items())
+        return (f"route={self.name} admitted={self.admission.admitted} "
+                f"queued={self.admission.queued} {counts}")

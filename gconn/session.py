@@ -37,6 +37,10 @@ def connect_destination(route, now):
         try:
             connection = connect(destination.address, route.config.connect_timeout)
         except DestinationUnavailable as error:
+            if route.config.check_interval > 0:  # quarantined until the checks see it rise
+                route.destinations.quarantine(destination, str(error))
+                LOGGER.warning("route=%s destination %s is down (quarantined)", route.name,
+                               destination.address)
             destination.connect_failed(time.monotonic(), route.config.retry_interval, str(error))
             local.set_error("connect_failed", str(error))
             LOGGER.warning("destination %s failed: %s", destination.address, error)
@@ -49,12 +53,13 @@ def connect_destination(route, now):
 class Session:
     """One accepted client of one route, from admission to its access-log line."""
 
-    __slots__ = ("route", "client", "context", "started", "greenlet", "upstream", "destination",
-                 "pump", "ended")
+    __slots__ = ("route", "client", "host", "context", "started", "greenlet", "upstream",
+                 "destination", "pump", "ended")
 
     def __init__(self, route, client, address):
         self.route = route
         self.client = client
+        self.host = address[0] if isinstance(address, tuple) else "unix"
         self.context = local.ConnectionContext(route.registry.next_id(), route.name,
                                                peer_name(address))
         self.started = time.monotonic()
@@ -65,12 +70,11 @@ class Session:
         self.ended = False
 
     def start(self):
-        """Register the session and start connecting in a greenlet of its own."""
+        """Register the (already admitted) session and start connecting in a greenlet."""
         if self.client.family != socket.AF_UNIX:
             # Nagle on our sends to the client plus its delayed ACK costs ~40 ms per reply
             self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.route.registry.add(self)
-        self.route.admission.admit()
         self.context.phase = "connecting"
         self.greenlet = gevent.spawn_raw(self.connect)
 
@@ -134,5 +138,6 @@ class Session:
             self.client.close()
         finally:
             self.route.registry.remove(self)
-            self.route.admission.release()
-            log_access(context, end, time.monotonic() - self.started)
+            duration = time.monotonic() - self.started
+            log_access(context, end, duration)
+            self.route.session_ended(self, end, duration)

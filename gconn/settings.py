@@ -138,6 +138,25 @@ def one_of(choices):
     return parse_choice
 
 
+def parse_escaped_bytes(text):
+    """Text with escapes such as \\r\\n or \\x00 -> bytes (empty allowed)."""
+    try:
+        decoded = text.strip().encode("latin-1").decode("unicode_escape")
+        return decoded.encode("latin-1")
+    except (UnicodeError, ValueError):
+        raise ValueError("expected text with escapes such as \\r\\n or \\x00") from None
+
+
+def parse_boolean(text):
+    """``yes``/``no``, ``true``/``false``, ``on``/``off``, ``1``/``0``."""
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError("expected yes or no")
+
+
 def parse_text(text):
     """Any text, surrounding blanks removed."""
     return text.strip()
@@ -195,6 +214,8 @@ def parse_destinations(text):
 
 
 parse_duration.allowed = "duration: 250ms, 5s, 2m, 8h"
+parse_escaped_bytes.allowed = "text with escapes: \\r\\n \\x00"
+parse_boolean.allowed = "yes | no"
 parse_size.allowed = "size: 4096, 64k, 1m"
 parse_text.allowed = "text"
 parse_bind.allowed = "host:port | [ipv6]:port | unix:/path"
@@ -260,6 +281,26 @@ SETTINGS = (
             "forwarded connections served at once; further clients wait in the listen backlog"),
     Setting("backlog", ROUTE, integer_between(1, 1_000_000), "4096",
             "the listen backlog: accepted-by-kernel clients not yet taken by gconn"),
+    Setting("max-queued", ROUTE, integer_between(0, 10_000_000), "1000",
+            "accepted clients waiting for a free slot, in arrival order; beyond it they are "
+            "shed at once"),
+    Setting("queue-timeout", ROUTE, parse_duration, "5s",
+            "a client waiting longer than this for a slot is shed"),
+    Setting("shed-message", ROUTE, parse_escaped_bytes, "",
+            "bytes sent to a shed client before the close, so it can tell busy from down"),
+    Setting("max-connect-errors", ROUTE, integer_between(0, 1_000_000_000), "100",
+            "consecutive failed connections after which a client host is blocked; 0: never"),
+    Setting("blocked-host-time", ROUTE, duration_at_least(0.001, "1ms"), "1m",
+            "how long a blocked client host is refused"),
+    Setting("client-connect-timeout", ROUTE, parse_duration, "9s",
+            "a client that closes within this without sending a byte counts as a failure"),
+    Setting("check-interval", ROUTE, parse_duration, "0",
+            "active health checks: TCP connect to each destination this often; 0: none "
+            "(a failed destination is then skipped for retry-interval)"),
+    Setting("rise", ROUTE, integer_between(1, 1000), "2",
+            "consecutive good checks that bring a down destination back"),
+    Setting("fall", ROUTE, integer_between(1, 1000), "3",
+            "consecutive failed checks that take a healthy destination down"),
     Setting("connect-timeout", ROUTE, duration_at_least(0.001, "1ms"), "1s",
             "per destination attempt; past it the next destination is tried"),
     Setting("retry-interval", ROUTE, parse_duration, "5s",

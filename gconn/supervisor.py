@@ -56,6 +56,13 @@ def worker_count(config):
     return config.process.workers or os.cpu_count() or 1
 
 
+def reservation_key(route):
+    """The key of a route's reserved address: port-0 routes each get a port of their own."""
+    if route.bind.family == "tcp" and route.bind.port == 0:
+        return f"{route.bind}#{route.name}"
+    return str(route.bind)
+
+
 def describe_exit(code):
     """``exit code N`` or ``signal NAME`` (``signal N`` for one without a name)."""
     if code >= 0:
@@ -135,7 +142,7 @@ class Supervisor:
         self.workers = {}  # pid -> WorkerProcess
         self.signals = Queue()
         self.heartbeats = Heartbeats()
-        self.reservations = {}  # str(address) -> socket holding a port-0 route's real port
+        self.reservations = {}  # reservation_key(route) -> socket holding the route's address
         self.restart_after = {}  # worker index -> monotonic time its replacement may start
         self.deaths = {}  # worker index -> consecutive young deaths
         self.stopping = False
@@ -150,12 +157,12 @@ class Supervisor:
         """Bind every TCP route address once (no listen) to learn port-0 ports and fail early
         on an address in use; return the config with every port fixed."""
         routes = []
-        wanted = {str(route.bind) for route in config.routes}
+        wanted = {reservation_key(route) for route in config.routes}
         for key in [key for key in self.reservations if key not in wanted]:
             self.release_reservation(key)  # a route removed or moved by a reload
         for route in config.routes:
             if route.bind.family == "tcp":
-                key = str(route.bind)
+                key = reservation_key(route)
                 holder = self.reservations.get(key)
                 if holder is None:
                     holder = listen(route.bind, 1, reuse_port=True, listening=False)

@@ -26,9 +26,9 @@ HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's liveness stamps
 TRIM_MINIMUM = 256  # live connections a wave must reach before its end returns memory
 
 
-def share(total, workers, index):
+def share(total, workers, index, minimum=1):
     """Worker ``index``'s share of a route limit ``total``: split evenly, remainder first."""
-    return max(1, total // workers + (1 if index < total % workers else 0))
+    return max(minimum, total // workers + (1 if index < total % workers else 0))
 
 
 class Worker:
@@ -101,6 +101,8 @@ class Worker:
         left = self.registry.abort_all()
         if left:
             LOGGER.info("closed %d connections still live", left)
+        for server in self.routes:
+            LOGGER.info("%s", server.summary())
         LOGGER.info("worker stopped")
 
 
@@ -131,9 +133,10 @@ class MemoryTrimmer:
 
 def worker_config(config, index, count):
     """``config`` with each route's max-connections replaced by worker ``index``'s share."""
-    routes = tuple(dataclasses.replace(route, max_connections=share(route.max_connections,
-                                                                     count, index))
-                   for route in config.routes)
+    routes = tuple(dataclasses.replace(
+        route, max_connections=share(route.max_connections, count, index),
+        max_queued=share(route.max_queued, count, index, minimum=0))
+        for route in config.routes)
     return dataclasses.replace(config, routes=routes)
 
 

@@ -19,7 +19,7 @@ def test_round_robin_rotates_and_a_stopped_destination_comes_back(tag_servers, s
     """round-robin cycles d0,d1,d2; a stopped one is skipped and rejoins after retry-interval."""
     servers = tag_servers(3)
     daemon = start_daemon("--bind", "127.0.0.1:0", "--strategy", "round-robin", "--workers", "1",
-                          "--retry-interval", "300ms",
+                          "--retry-interval", "300ms", "--max-connect-errors", "0",
                           *destination_flags(servers))
     port = daemon.port()
     assert [which_tag(port) for _ in range(6)] == ["d0", "d1", "d2", "d0", "d1", "d2"]

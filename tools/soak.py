@@ -335,8 +335,9 @@ def run(options):
             print("gconn-soak: second wave (connect all, close at once) for the leak check",
                   flush=True)
             wave = start_clients(fleet, options, target, duration=0.0, interval=3600.0)
-            for process in wave:
-                process.wait()
+            while any(process.poll() is None for process in wave):
+                time.sleep(SAMPLE_EVERY)  # waiting for the wave; its reports are drained
+                read_reports(wave)
             settled, second = settle(probe, baseline)
             after = dict(after, second_rss=second["rss"] if second else None)
         gconn_died = not probe.alive()

@@ -1,0 +1,51 @@
+"""Active health checks: one re-arming check job per destination, not one per connection.
+
+Each job sleeps check-interval, tries a TCP connect within connect-timeout, closes it, and
+hands the result to the destination's rise/fall state (destinations.py, under the route's
+write lock).  389 DS nunc-stans' lesson: periodic jobs that re-arm themselves.  A check that
+cannot even open a socket (this process out of descriptors) gives no verdict.
+"""
+
+import logging
+
+import gevent
+
+from .errors import DestinationUnavailable, ResourceExhausted
+from .sockets import connect
+
+LOGGER = logging.getLogger("gconn.health")
+
+
+class HealthChecks:
+    """The check jobs of one route in one worker."""
+
+    def __init__(self, route):
+        self.route = route
+        self.jobs = []
+
+    def start(self):
+        """Start one job per destination (none when check-interval is 0)."""
+        if self.route.config.check_interval > 0:
+            self.jobs = [gevent.spawn(self.watch, destination)
+                         for destination in self.route.destinations.destinations]
+
+    def stop(self):
+        """Stop every job."""
+        gevent.killall(self.jobs, block=False)
+        self.jobs = []
+
+    def watch(self, destination):
+        """Check ``destination`` every check-interval for as long as the route serves."""
+        config = self.route.config
+        while True:
+            gevent.sleep(config.check_interval)
+            try:
+                connect(destination.address, config.connect_timeout).close()
+                ok = True
+            except DestinationUnavailable:
+                ok = False
+            except ResourceExhausted:
+                continue
+            if self.route.destinations.check_result(destination, ok, config.rise, config.fall):
+                LOGGER.warning("route=%s destination %s is %s", self.route.name,
+                               destination.address, "up" if ok else "down")
