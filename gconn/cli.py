@@ -57,11 +57,36 @@ def describe_capacity(config):
     return "\n".join(lines) + "\n"
 
 
+def read_admin_token(config):
+    """The admin bearer token from admin-token-file (None without one); ConfigError if the
+    file cannot be read or is empty."""
+    path = config.process.admin_token_file
+    if not path:
+        return None
+    source = config.values["gconn"]["admin-token-file"].source
+    try:
+        with open(path, encoding="utf-8") as stream:
+            token = stream.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"cannot read token file {path!r}: {reason}", source=source,
+                          key="admin-token-file", section="gconn") from None
+    if not token:
+        raise ConfigError(f"token file {path!r} is empty", source=source,
+                          key="admin-token-file", section="gconn")
+    return token
+
+
 def main(argv=None):
     """The ``gconn`` command; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        from .status import main as status_main
+        return status_main(argv[1:])
     try:
         config, options = load(argv)
         select_loop(config)
+        admin_token = read_admin_token(config)
     except ConfigError as error:
         print(f"gconn: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
@@ -79,7 +104,7 @@ def main(argv=None):
     except ImportError:
         pass
     try:
-        return Supervisor(config, argv).run()
+        return Supervisor(config, argv, admin_token).run()
     except StartupError as error:
         LOGGER.error("%s", error)
         print(f"gconn: {error}", file=sys.stderr)

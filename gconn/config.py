@@ -8,6 +8,7 @@ line, key, value and what is allowed.
 """
 
 import dataclasses
+import ipaddress
 import os
 import re
 
@@ -86,10 +87,12 @@ def build_parser(prog="gconn"):
     parser.add_argument("--route-name", env_var="GCONN_ROUTE_NAME", default=None,
                         help=f"name of the route given by --bind (default {DEFAULT_ROUTE_NAME})")
     for setting in SETTINGS:
+        switch = {"nargs": "?", "const": setting.bare} if setting.bare else {}
         parser.add_argument(
             setting.option, dest=setting.attribute, env_var=setting.env, default=None,
             action="append" if setting.repeatable else "store", metavar=setting.allowed,
-            help=setting.help + (f" (default {setting.default})" if setting.default else ""))
+            help=setting.help + (f" (default {setting.default})" if setting.default else ""),
+            **switch)
     return parser
 
 
@@ -251,7 +254,24 @@ def _assemble(namespace, overrides, sections):
     process = ProcessConfig(**{
         BY_NAME[key].attribute: _check(BY_NAME[key], value.text, value.source, "gconn")
         for key, value in process_values.items()})
+    _check_admin_exposure(process, process_values)
     return Config(path=path, process=process, routes=tuple(routes), values=values)
+
+
+def _check_admin_exposure(process, values):
+    """An admin endpoint beyond loopback needs a token file or an explicit admin-insecure."""
+    address = process.admin
+    if address is None or address.family == "unix" or process.admin_token_file \
+            or process.admin_insecure:
+        return
+    try:
+        loopback = ipaddress.ip_address(address.host).is_loopback
+    except ValueError:
+        loopback = address.host == "localhost"
+    if not loopback:
+        raise ConfigError(f"admin on {address} is reachable beyond this host: set "
+                          "admin-token-file, or admin-insecure = yes",
+                          source=values["admin"].source, key="admin", section="gconn")
 
 
 def _check_distinct_binds(routes, values):

@@ -41,7 +41,7 @@ class Registry:
 
     def snapshot(self):
         """Every live connection's admin view (walks the registry: admin only)."""
-        return [session.context.as_dict() for session in list(self.sessions.values())]
+        return [session.view() for session in list(self.sessions.values())]
 
     def abort_all(self):
         """End every live session now (shutdown); returns how many there were."""

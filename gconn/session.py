@@ -109,6 +109,13 @@ class Session:
         self.pump = Pump(self.client, self.upstream, config.buffer_size, self.finish)
         self.pump.start(config.idle_timeout)
 
+    def view(self):
+        """The admin's view of this connection, byte counts as of now."""
+        if self.pump is not None:
+            self.context.bytes_up = self.pump.bytes_up
+            self.context.bytes_down = self.pump.bytes_down
+        return self.context.as_dict()
+
     def abort(self):
         """End the session now (shutdown): stop forwarding or interrupt the connect."""
         if self.pump is not None:

@@ -194,6 +194,11 @@ def parse_bind(text):
     return parse_address(text, listening=True)
 
 
+def parse_admin_address(text):
+    """The admin endpoint's address, or None (empty: no admin endpoint)."""
+    return parse_address(text, listening=True) if text.strip() else None
+
+
 def parse_destinations(text):
     """A comma-separated list of ``host:port`` / ``unix:/path``, each optionally ``backup``."""
     entries = []
@@ -220,6 +225,7 @@ parse_size.allowed = "size: 4096, 64k, 1m"
 parse_text.allowed = "text"
 parse_bind.allowed = "host:port | [ipv6]:port | unix:/path"
 parse_destinations.allowed = "host:port [backup], ..."
+parse_admin_address.allowed = "host:port | [ipv6]:port | unix:/path | empty"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +239,7 @@ class Setting:
     help: str
     flag: str = ""  # the command-line flag, derived from name unless given
     repeatable: bool = False  # the flag may be given several times; values are joined by commas
+    bare: str | None = None  # the value a flag given without one means (a switch)
 
     @property
     def attribute(self):
@@ -262,6 +269,13 @@ SETTINGS = (
             "the event loop: gevent's default, libev with a given backend, or libuv"),
     Setting("worker-timeout", PROCESS, duration_at_least(3.0, "3s"), "30s",
             "a worker whose heartbeat is silent this long is killed and replaced"),
+    Setting("admin", PROCESS, parse_admin_address, "127.0.0.1:8421",
+            "the admin HTTP endpoint (livez, readyz, status, connections, config); empty: off"),
+    Setting("admin-token-file", PROCESS, parse_text, "",
+            "a file holding the bearer token the admin endpoint requires; needed (or "
+            "admin-insecure) when admin is not on loopback"),
+    Setting("admin-insecure", PROCESS, parse_boolean, "no",
+            "allow an admin endpoint beyond loopback without a token", bare="yes"),
     Setting("log-level", PROCESS, one_of(LOG_LEVELS), "info",
             "how much the daemon logs"),
     Setting("log-file", PROCESS, parse_text, "-",

@@ -13,14 +13,17 @@ import errno
 import logging
 import mmap
 import os
+import shutil
 import signal
 import struct
+import tempfile
 import time
 
 import gevent
 from gevent.queue import Empty, Queue
 
-from . import log
+from . import control, log
+from .admin import Admin
 from .config import load
 from .errors import ConfigError, StartupError
 from .sockets import DESCRIPTOR_RESERVE, listen, raise_open_files_limit
@@ -135,9 +138,12 @@ class WorkerProcess:
 class Supervisor:
     """Forks and tends the workers of one gconn; ``run`` returns the exit code."""
 
-    def __init__(self, config, argv=None):
+    def __init__(self, config, argv=None, admin_token=None):
         self.config = config
         self.argv = argv
+        self.admin = None
+        self.admin_token = admin_token
+        self.control_dir = tempfile.mkdtemp(prefix="gconn-control-")  # workers' sockets
         self.generation = 0
         self.workers = {}  # pid -> WorkerProcess
         self.signals = Queue()
@@ -175,6 +181,75 @@ class Supervisor:
             routes.append(route)
         return dataclasses.replace(config, routes=tuple(routes))
 
+    # --- what the admin endpoint asks ------------------------------------------------------
+
+    def current_workers(self):
+        """The workers of the current generation that are not retiring."""
+        return [w for w in self.workers.values()
+                if w.generation == self.generation and not w.retiring]
+
+    def ask_workers(self, command):
+        """{pid: answer or None} from every current worker's control socket."""
+        pids = [w.pid for w in self.current_workers()]
+        return control.ask_all(self.control_dir, pids, command)
+
+    def readiness_problems(self):
+        """Why gconn is not ready (empty when it is): every route must listen in every
+        worker and have a destination to offer."""
+        if self.stopping:
+            return ["stopping"]
+        problems = [f"worker {index} not started" for index in self.wanted_indexes()]
+        current = self.current_workers()
+        problems += [f"worker {w.index} pid={w.pid} not listening yet" for w in current
+                     if not self.heartbeats.ready(w.slot)]
+        if problems:
+            return problems
+        for pid, state in sorted(self.ask_workers("state").items()):
+            if state is None:
+                problems.append(f"worker pid={pid} not answering")
+                continue
+            for name, route in state["routes"].items():
+                if not route["listening"]:
+                    problems.append(f"route {name}: not listening in worker pid={pid}")
+                if not route["serving"]:
+                    problems.append(f"route {name}: no healthy destination (worker pid={pid})")
+        return problems
+
+    def status(self):
+        """Per-route totals over the workers, with destinations up/down (for gconn status)."""
+        routes = {}
+        answers = self.ask_workers("state")
+        for state in answers.values():
+            if state is None:
+                continue
+            for name, route in state["routes"].items():
+                total = routes.setdefault(name, {
+                    "address": route["address"], "workers": 0, "active": 0, "limit": 0,
+                    "queued": 0, "max_queued": 0, "admitted": 0, "blocked_hosts": 0,
+                    "shed": dict.fromkeys(route["shed"], 0), "destinations": {}})
+                total["workers"] += 1
+                for key in ("active", "limit", "queued", "max_queued", "admitted",
+                            "blocked_hosts"):
+                    total[key] += route[key]
+                for reason, count in route["shed"].items():
+                    total["shed"][reason] += count
+                for destination in route["destinations"]:
+                    entry = total["destinations"].setdefault(
+                        destination["address"], {"up": 0, "down": 0, "active": 0})
+                    entry["up" if destination["healthy"] else "down"] += 1
+                    entry["active"] += destination["active"]
+        return {"generation": self.generation,
+                "workers": len(answers), "workers_answering": sum(
+                    1 for state in answers.values() if state is not None),
+                "routes": routes}
+
+    def connections(self):
+        """Every live connection of every current worker (admin only)."""
+        found = []
+        for answer in self.ask_workers("connections").values():
+            found.extend(answer or [])
+        return found
+
     def release_reservation(self, key):
         """Close a reserved address (and remove a unix socket's file)."""
         holder = self.reservations.pop(key)
@@ -205,6 +280,10 @@ class Supervisor:
         """Start the workers, then dispatch signals and tend workers until stopped."""
         self.config = self.reserve_addresses(self.config)
         self.check_capacity(self.config)
+        process = self.config.process
+        if process.admin is not None:
+            self.admin = Admin(self, process.admin, self.admin_token)
+            self.admin.start()
         for name in SIGNALS:
             signum = getattr(signal, f"SIG{name}")
             self.signal_handles.append(gevent.signal_handler(signum, self.signals.put, name))
@@ -226,6 +305,9 @@ class Supervisor:
                 self.spawn_workers()
                 self.announce_ready()
             self.escalate()
+        if self.admin is not None:
+            self.admin.stop()
+        shutil.rmtree(self.control_dir, ignore_errors=True)
         LOGGER.info("stopped")
         return 0
 
@@ -308,7 +390,10 @@ class Supervisor:
         return [index for index in range(worker_count(self.config)) if index not in live]
 
     def spawn_workers(self):
-        """Fork the missing workers of the current generation (respecting restart backoff)."""
+        """Fork the missing workers of the current generation (respecting restart backoff);
+        deferred while an admin request is being served."""
+        if self.admin is not None and self.admin.busy:
+            return
         now = time.monotonic()
         for index in self.wanted_indexes():
             if self.restart_after.get(index, 0) > now:
@@ -355,9 +440,11 @@ class Supervisor:
                     listeners[key] = holder  # the shared unix listener
                 else:
                     holder.close()  # the port reservation stays with the supervisor
+            if self.admin is not None:
+                self.admin.abandon()  # the admin endpoint is the supervisor's alone
             code = worker_process(self.config, index, worker_count(self.config),
                                   self.heartbeats, slot, self.generation, listeners,
-                                  supervisor_pid)
+                                  supervisor_pid, self.control_dir)
         except BaseException:
             LOGGER.exception("worker %d failed", index)
         finally:

@@ -17,6 +17,7 @@ import gevent
 from gevent.event import Event
 
 from . import log
+from .control import ControlServer
 from .listener import RouteServer
 from .registry import Registry
 
@@ -141,7 +142,7 @@ def worker_config(config, index, count):
 
 
 def worker_process(config, index, count, heartbeats, slot, generation, listeners,
-                   supervisor_pid):
+                   supervisor_pid, control_dir=None):
     """The body of a forked worker: title, heartbeat, serve; returns the exit code."""
     try:
         import setproctitle
@@ -150,6 +151,10 @@ def worker_process(config, index, count, heartbeats, slot, generation, listeners
         pass
     worker = Worker(worker_config(config, index, count), worker_id=os.getpid(), reuse_port=True,
                     listeners=listeners)
+    control_server = None
+    if control_dir is not None:
+        control_server = ControlServer(worker, control_dir, index, generation)
+        control_server.start()
     worker.on_ready = lambda: heartbeats.set_ready(slot)
 
     trimmer = MemoryTrimmer()
@@ -173,3 +178,5 @@ def worker_process(config, index, count, heartbeats, slot, generation, listeners
         return worker.run()
     finally:
         beating.kill()
+        if control_server is not None:
+            control_server.stop()

@@ -102,6 +102,7 @@ class Daemon(Process):
     def __init__(self, args, env=None, cwd=None, wait=True, preexec=None):
         super().__init__(["-m", "gconn", *args], env=env, cwd=cwd, preexec=preexec)
         self.address = {}
+        self.admin = None  # host:port of the admin endpoint, when it has one
         if wait:
             self.wait_ready()
 
@@ -111,6 +112,8 @@ class Daemon(Process):
             if "listening route=" in line:
                 fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
                 self.address[fields["route"]] = fields["address"]
+            if "admin listening address=" in line:
+                self.admin = line.split("address=", 1)[1].strip()
         return self
 
     def port(self, route="default"):
@@ -150,7 +153,8 @@ def start_daemon(processes):
             with open(path, "w") as stream:
                 stream.write(config)
             args = ["-c", path, *args]
-        daemon = Daemon(["--access-log", "-", *args], env=env, wait=False)
+        daemon = Daemon(["--access-log", "-", "--admin", "127.0.0.1:0", *args], env=env,
+                        wait=False)
         processes.append(daemon)
         if wait:
             daemon.wait_ready()

@@ -17,6 +17,7 @@ ROUTE = "[route:a]\nbind = 127.0.0.1:0\ndestinations = 127.0.0.1:9\n"
 
 def run_gconn(*args, env=None, timeout=30):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("GCONN_")}
+    full_env["GCONN_ADMIN"] = ""  # no admin endpoint: these runs must not need port 8421
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "gconn", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, stdin=subprocess.DEVNULL)

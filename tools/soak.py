@@ -170,7 +170,7 @@ def start_gconn(fleet, options, destinations):
         path = os.path.join(fleet.scratch, "soak.conf")
         with open(path, "w") as stream:
             stream.write(
-                f"[gconn]\nworkers = {workers}\nlog-level = info\naccess-log = off\n"
+                f"[gconn]\nworkers = {workers}\nlog-level = info\naccess-log = off\nadmin =\n"
                 f"shutdown-timeout = 5s\n\n[route:soak]\nbind = 127.0.0.1:0\n"
                 f"destinations = {', '.join(destinations)}\nstrategy = round-robin\n"
                 f"max-connections = {options.clients * 2}\nbacklog = 65535\n"

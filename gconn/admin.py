@@ -1,0 +1,157 @@
+"""The admin HTTP endpoint, served by the supervisor with gevent.pywsgi.
+
+``/livez`` answers from the supervisor's own loop and never waits on workers or destinations
+(Keycloak's lesson: a busy process must not be restarted for answering slowly).  ``/readyz``,
+``/status`` and ``/connections`` ask the workers over their control sockets (control.py) when
+requested, never on the data path.  ``/config`` shows the effective config with the origin of
+every value.  Bound to loopback by default; elsewhere a bearer token (``admin-token-file``) or
+``--admin-insecure`` is required.  Bad paths get 404, bad query values 400 with a one-line JSON
+error, a wrong or missing token 401 without detail.
+"""
+
+import hmac
+import json
+import logging
+import urllib.parse
+
+from gevent.pool import Pool
+from gevent.pywsgi import WSGIServer
+
+from .sockets import bound_address, listen
+
+LOGGER = logging.getLogger("gconn.admin")
+ADMIN_CONNECTIONS = 64  # admin requests served at once
+PAGE_LIMIT = 1000  # /connections entries per page when no limit is given
+PAGE_LIMIT_MAX = 100_000  # the largest limit a request may ask for
+
+
+class AccessLog:
+    """pywsgi's request log, sent to the daemon log at debug level."""
+
+    def write(self, line):
+        LOGGER.debug("%s", line.rstrip())
+
+
+class Admin:
+    """The admin endpoint of one supervisor."""
+
+    def __init__(self, supervisor, address, token=None):
+        self.supervisor = supervisor
+        self.token = token
+        self.socket = listen(address, 128)
+        self.address = bound_address(self.socket, address)
+        # Requests are served by greenlets of this pool, one connection each, closed after
+        # one answer: the supervisor forks only while the pool is empty, so no request is
+        # ever half-way in a freshly forked worker.
+        self.pool = Pool(ADMIN_CONNECTIONS)
+        self.server = WSGIServer(self.socket, self.application, spawn=self.pool,
+                                 log=AccessLog(), error_log=AccessLog())
+        self.routes = {"/livez": self.livez, "/readyz": self.readyz, "/status": self.status,
+                       "/connections": self.connections, "/config": self.config}
+
+    def start(self):
+        self.server.start()
+        LOGGER.info("admin listening address=%s", self.address)
+
+    def stop(self):
+        self.server.close()
+
+    @property
+    def busy(self):
+        """Whether a request is being served (the supervisor then waits to fork)."""
+        return len(self.pool) > 0
+
+    def abandon(self):
+        """In a forked worker: drop the copy of the admin endpoint (the supervisor keeps it)."""
+        self.server.close()
+        self.pool.kill(block=True, timeout=1)
+
+    # --- WSGI ------------------------------------------------------------------------------
+
+    def application(self, environ, start_response):
+        """Dispatch one request; every answer is plain text or JSON."""
+        if self.token is not None and not self.authorised(environ):
+            return self.reply(start_response, 401, {"error": "unauthorized"})
+        handler = self.routes.get(environ.get("PATH_INFO", ""))
+        if handler is None or environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            return self.reply(start_response, 404, {"error": "not found"})
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        try:
+            status, body = handler({key: values[-1] for key, values in query.items()})
+        except BadRequest as error:
+            return self.reply(start_response, 400, {"error": str(error)})
+        return self.reply(start_response, status, body)
+
+    def authorised(self, environ):
+        """Whether the request carries the bearer token (compared in constant time)."""
+        given = environ.get("HTTP_AUTHORIZATION", "")
+        expected = f"Bearer {self.token}"
+        return hmac.compare_digest(given.encode(), expected.encode())
+
+    @staticmethod
+    def reply(start_response, status, body):
+        """Send ``body`` (text as is, anything else as one line of JSON)."""
+        reasons = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+                   503: "Service Unavailable"}
+        if isinstance(body, str):
+            data, kind = body.encode(), "text/plain; charset=utf-8"
+        else:
+            data, kind = (json.dumps(body) + "\n").encode(), "application/json"
+        start_response(f"{status} {reasons[status]}",
+                       [("Content-Type", kind), ("Content-Length", str(len(data))),
+                        ("Connection", "close")])
+        return [data]
+
+    # --- endpoints -------------------------------------------------------------------------
+
+    def livez(self, query):
+        """200 while the supervisor's loop runs: nothing else is consulted."""
+        return 200, "ok\n"
+
+    def readyz(self, query):
+        """200 when every route listens in every worker with a healthy destination."""
+        reasons = self.supervisor.readiness_problems()
+        if reasons:
+            return 503, "not ready\n" + "".join(f"{reason}\n" for reason in reasons)
+        return 200, "ready\n"
+
+    def status(self, query):
+        """Per route and worker: active/limit, queued, shed, destinations (JSON)."""
+        return 200, self.supervisor.status()
+
+    def connections(self, query):
+        """Live connections of every worker, filtered and paginated (JSON)."""
+        unknown = set(query) - {"route", "client", "limit", "offset"}
+        if unknown:
+            raise BadRequest(f"unknown query parameter {sorted(unknown)[0]!r}")
+        limit = whole_number(query, "limit", PAGE_LIMIT, 1, PAGE_LIMIT_MAX)
+        offset = whole_number(query, "offset", 0, 0, 10**12)
+        found = self.supervisor.connections()
+        if query.get("route"):
+            found = [c for c in found if c["route"] == query["route"]]
+        if query.get("client"):
+            found = [c for c in found if c["client"].startswith(query["client"])]
+        found.sort(key=lambda c: (c["started"], str(c["id"])))
+        return 200, {"total": len(found), "offset": offset, "limit": limit,
+                     "connections": found[offset:offset + limit]}
+
+    def config(self, query):
+        """The effective configuration, each value with where it came from (JSON)."""
+        values = self.supervisor.config.values
+        return 200, {section: {key: {"value": value.text, "source": value.source}
+                               for key, value in entries.items()}
+                     for section, entries in values.items()}
+
+
+class BadRequest(ValueError):
+    """A query value the admin endpoint cannot use."""
+
+
+def whole_number(query, name, default, low, high):
+    """``query[name]`` as an integer from ``low`` to ``high``, or BadRequest."""
+    text = query.get(name)
+    if text is None or text == "":
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise BadRequest(f"{name} must be a whole number from {low} to {high}")
+    return int(text)

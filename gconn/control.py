@@ -1,0 +1,129 @@
+"""A worker's control socket: the supervisor's admin endpoint asks each worker what it has.
+
+Each worker listens on ``<control dir>/<pid>.sock`` (a unix socket in a directory only the
+supervisor's user can open) and answers one request per connection: a command line
+(``state`` or ``connections``) in, one JSON document out.  Answers are built by walking the
+worker's registry and routes on request only, never on the data path.  ``ask`` is the
+supervisor's side: all workers are asked at once, each within a timeout.
+"""
+
+import json
+import logging
+import os
+import resource
+import socket
+import time
+
+import gevent
+from gevent.server import StreamServer
+
+LOGGER = logging.getLogger("gconn.control")
+REQUEST_LIMIT = 256  # bytes: a command line is short
+ANSWER_TIMEOUT = 2.0  # seconds the supervisor waits for one worker's answer
+
+
+def socket_path(directory, pid):
+    """Where worker ``pid`` listens for control requests."""
+    return os.path.join(directory, f"{pid}.sock")
+
+
+def route_state(route, now):
+    """What the admin needs to know about one route in this worker."""
+    admission = route.admission
+    with route.destinations.lock.reading():
+        destinations = [{"address": str(d.address), "backup": d.backup, "healthy": d.healthy,
+                         "available": d.available(now), "active": d.active,
+                         "connected_total": d.connected_total, "failed_total": d.failed_total,
+                         "last_error": d.last_error}
+                        for d in route.destinations.destinations]
+    return {"listening": route.server.started, "address": route.address,
+            "serving": route.destinations.has_candidates(now),
+            "active": admission.active, "limit": admission.limit,
+            "queued": len(admission.waiting), "max_queued": admission.max_queued,
+            "admitted": admission.admitted, "shed": dict(admission.shed),
+            "blocked_hosts": route.blocker.blocked_hosts(now), "destinations": destinations}
+
+
+class ControlServer:
+    """Answers the supervisor's questions about one worker."""
+
+    def __init__(self, worker, directory, index, generation):
+        self.worker = worker
+        self.index = index
+        self.generation = generation
+        self.path = socket_path(directory, os.getpid())
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(64)
+        self.server = StreamServer(listener, self.handle)
+
+    def start(self):
+        self.server.start()
+
+    def stop(self):
+        self.server.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def handle(self, connection, address):
+        """One request: read the command line, write the JSON answer, close."""
+        try:
+            connection.settimeout(ANSWER_TIMEOUT)
+            command = connection.recv(REQUEST_LIMIT).decode("ascii", "replace").strip()
+            answer = self.answer(command)
+            connection.sendall(json.dumps(answer).encode())
+        except OSError as error:
+            LOGGER.debug("control request failed: %s", error)
+        finally:
+            connection.close()
+
+    def answer(self, command):
+        """The JSON-ready answer to ``command``."""
+        pid = os.getpid()
+        if command == "connections":
+            connections = self.worker.registry.snapshot()
+            for connection in connections:
+                connection["worker"] = pid
+            return connections
+        if command == "state":
+            now = time.monotonic()
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            return {"pid": pid, "index": self.index, "generation": self.generation,
+                    "draining": self.worker.stopping.is_set(), "live": len(self.worker.registry),
+                    "fds": len(os.listdir("/proc/self/fd")), "fd_limit": soft,
+                    "rss_bytes": _resident_bytes(),
+                    "routes": {route.name: route_state(route, now)
+                               for route in self.worker.routes}}
+        return {"error": f"unknown command {command!r}"}
+
+
+def _resident_bytes():
+    """This process's resident memory in bytes (from /proc, no extra dependency)."""
+    with open("/proc/self/statm") as stream:
+        return int(stream.read().split()[1]) * resource.getpagesize()
+
+
+def ask_one(path, command):
+    """Ask one worker; its decoded answer, or None if it did not answer in time."""
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.settimeout(ANSWER_TIMEOUT)
+        connection.connect(path)
+        connection.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+        return json.loads(b"".join(chunks))
+    except (OSError, ValueError):
+        return None
+    finally:
+        connection.close()
+
+
+def ask_all(directory, pids, command):
+    """Ask every worker in ``pids`` at once: {pid: answer or None}."""
+    jobs = {pid: gevent.spawn(ask_one, socket_path(directory, pid), command) for pid in pids}
+    gevent.joinall(list(jobs.values()), timeout=ANSWER_TIMEOUT + 1)
+    return {pid: job.value if job.successful() else None for pid, job in jobs.items()}

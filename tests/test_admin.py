@@ -1,0 +1,199 @@
+"""The admin endpoint over real HTTP against a running daemon: liveness under load, readiness,
+live connections, the config, security and errors, and ``gconn status``."""
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import connect, echo_roundtrip, free_port
+
+
+def get(daemon, path, token=None, timeout=10):
+    """(status, body text) of GET path on the daemon's admin endpoint."""
+    request = urllib.request.Request(f"http://{daemon.admin}{path}")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.mark.timeout(180)
+def test_livez_answers_fast_while_every_worker_is_saturated(start_echo, start_daemon):
+    """/livez stays 200 and quick while both workers forward bulk streams flat out."""
+    echo = start_echo()
+    daemon = start_daemon("--workers", "2", "--bind", "127.0.0.1:0",
+                          "--destination", echo.address)
+    data = os.urandom(64 * 1024 * 1024)
+    stop = threading.Event()
+
+    def saturate():
+        while not stop.is_set():
+            echo_roundtrip(daemon.port(), data, timeout=120)
+
+    load = [threading.Thread(target=saturate) for _ in range(4)]
+    for thread in load:
+        thread.start()
+    times = []
+    try:
+        for _ in range(100):
+            begun = time.perf_counter()
+            assert get(daemon, "/livez") == (200, "ok\n")
+            times.append(time.perf_counter() - begun)
+    finally:
+        stop.set()
+        for thread in load:
+            thread.join(120)
+    p95 = statistics.quantiles(times, n=20)[18]
+    print(f"/livez under load: median {statistics.median(times) * 1e3:.2f} ms, "
+          f"p95 {p95 * 1e3:.2f} ms, max {max(times) * 1e3:.2f} ms")
+    assert p95 < 0.050
+
+
+def test_readyz_follows_destination_health_and_hung_workers(start_daemon, tag_servers):
+    """/readyz: 200 when serving; 503 with the reason when all destinations are down or a
+    worker does not answer."""
+    (server,) = tag_servers(1)
+    daemon = start_daemon("--workers", "2", "--check-interval", "100ms", "--fall", "1",
+                          "--rise", "1", "--bind", "127.0.0.1:0",
+                          "--destination", f"127.0.0.1:{server.port}")
+    assert get(daemon, "/readyz") == (200, "ready\n")
+    server.stop()
+    daemon.wait_contains("is down")
+    deadline = time.monotonic() + 10
+    while (answer := get(daemon, "/readyz"))[0] == 200:  # every worker's checks see it
+        assert time.monotonic() < deadline
+        time.sleep(0.05)  # polling readiness
+    status, body = answer
+    assert status == 503 and "route default: no healthy destination" in body
+    server.start()
+    deadline = time.monotonic() + 10
+    while get(daemon, "/readyz")[0] != 200:
+        assert time.monotonic() < deadline, "never ready again"
+        time.sleep(0.05)  # polling readiness
+    worker = int(daemon.wait_contains("worker 0 started").split("pid=")[1].split()[0])
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        status, body = get(daemon, "/readyz")
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert status == 503 and f"worker pid={worker} not answering" in body
+
+
+def test_connections_lists_a_thousand_live_ones_with_byte_counts(start_echo, start_daemon):
+    """/connections pages through 1,000 live connections with their exact byte counts."""
+    echo = start_echo()
+    daemon = start_daemon("--workers", "2", "--bind", "127.0.0.1:0",
+                          "--destination", echo.address)
+    clients, sizes = [], {}
+    try:
+        for number in range(1000):
+            client = connect(daemon.port())
+            size = number + 1
+            client.sendall(b"x" * size)
+            received = 0
+            while received < size:
+                received += len(client.recv(size - received))
+            host, port = client.getsockname()
+            sizes[f"{host}:{port}"] = size
+            clients.append(client)
+        seen = {}
+        offset = 0
+        while True:
+            status, body = get(daemon, f"/connections?limit=300&offset={offset}")
+            assert status == 200
+            page = json.loads(body)
+            assert page["total"] == 1000 and page["limit"] == 300
+            for entry in page["connections"]:
+                seen[entry["client"]] = entry
+            offset += 300
+            if offset >= 1000:
+                break
+        assert set(seen) == set(sizes)
+        for client, entry in seen.items():
+            assert entry["bytes_up"] == entry["bytes_down"] == sizes[client]
+            assert entry["phase"] == "forwarding" and entry["destination"] == echo.address
+            assert entry["route"] == "default" and entry["worker"] > 0
+        assert len({entry["worker"] for entry in seen.values()}) == 2
+        status, body = get(daemon, "/connections?route=nothing")
+        assert json.loads(body)["total"] == 0
+        first = next(iter(sizes))
+        status, body = get(daemon, f"/connections?client={first}")
+        assert [entry["client"] for entry in json.loads(body)["connections"]] == [first]
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_config_shows_values_and_origins(start_daemon):
+    """/config: the effective config, each value with its origin."""
+    daemon = start_daemon("--workers", "1", "--bind", "127.0.0.1:0",
+                          "--destination", f"127.0.0.1:{free_port()}",
+                          "--connect-timeout", "750ms")
+    status, body = get(daemon, "/config")
+    config = json.loads(body)
+    assert status == 200
+    assert config["route:default"]["connect-timeout"] == {"value": "750ms",
+                                                          "source": "flag --connect-timeout"}
+    assert config["gconn"]["log-level"] == {"value": "info", "source": "default"}
+
+
+def test_bad_paths_and_queries(start_daemon):
+    """404 for unknown paths and methods, 400 with one line of JSON for bad query values."""
+    daemon = start_daemon("--workers", "1", "--bind", "127.0.0.1:0",
+                          "--destination", f"127.0.0.1:{free_port()}")
+    assert get(daemon, "/nope")[0] == 404
+    for query in ("limit=0", "limit=abc", "offset=-1", "colour=blue"):
+        status, body = get(daemon, f"/connections?{query}")
+        assert status == 400 and body.count("\n") == 1 and "error" in json.loads(body)
+
+
+def test_admin_beyond_loopback_needs_a_token(start_daemon, tmp_path):
+    """Beyond loopback: no token is a config error; with one, 401 without it, 200 with it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gconn", "--admin", "0.0.0.0:0", "--bind", "127.0.0.1:0",
+         "--destination", "127.0.0.1:9", "--check-config"], capture_output=True, text=True)
+    assert result.returncode == 2 and "admin-token-file" in result.stderr
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    daemon = start_daemon("--workers", "1", "--admin", "0.0.0.0:0",
+                          "--admin-token-file", str(token_file), "--bind", "127.0.0.1:0",
+                          "--destination", f"127.0.0.1:{free_port()}")
+    daemon.admin = "127.0.0.1:" + daemon.admin.rsplit(":", 1)[1]
+    assert get(daemon, "/livez") == (401, '{"error": "unauthorized"}\n')
+    assert get(daemon, "/livez", token="wrong")[0] == 401
+    assert get(daemon, "/livez", token="s3cret-token") == (200, "ok\n")
+    insecure = start_daemon("--workers", "1", "--admin", "0.0.0.0:0", "--admin-insecure",
+                            "--bind", "127.0.0.1:0", "--destination", f"127.0.0.1:{free_port()}")
+    insecure.admin = "127.0.0.1:" + insecure.admin.rsplit(":", 1)[1]
+    assert get(insecure, "/livez") == (200, "ok\n")
+
+
+def test_gconn_status_prints_a_summary_per_route(start_echo, start_daemon):
+    """gconn status reads /status and prints active/limit, queued, shed, destinations."""
+    echo = start_echo()
+    daemon = start_daemon("--workers", "2", "--max-connections", "50", "--bind",
+                          "127.0.0.1:0", "--destination", echo.address)
+    with connect(daemon.port()) as client:
+        client.sendall(b"hi")
+        assert client.recv(2) == b"hi"
+        result = subprocess.run([sys.executable, "-m", "gconn", "status", "--admin",
+                                 daemon.admin], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("gconn: 2/2 workers answering")
+    row = next(line for line in lines if line.startswith("default"))
+    assert "1/50" in row and f"{echo.address} 2/0" in row
+    down = subprocess.run([sys.executable, "-m", "gconn", "status", "--admin",
+                           f"127.0.0.1:{free_port()}"], capture_output=True, text=True)
+    assert down.returncode == 1 and "cannot read" in down.stderr
