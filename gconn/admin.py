@@ -17,6 +17,7 @@ import urllib.parse
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
+from . import metrics
 from .sockets import bound_address, listen
 
 LOGGER = logging.getLogger("gconn.admin")
@@ -47,7 +48,8 @@ class Admin:
         self.server = WSGIServer(self.socket, self.application, spawn=self.pool,
                                  log=AccessLog(), error_log=AccessLog())
         self.routes = {"/livez": self.livez, "/readyz": self.readyz, "/status": self.status,
-                       "/connections": self.connections, "/config": self.config}
+                       "/connections": self.connections, "/config": self.config,
+                       "/metrics": self.metrics}
 
     def start(self):
         self.server.start()
@@ -93,7 +95,9 @@ class Admin:
         """Send ``body`` (text as is, anything else as one line of JSON)."""
         reasons = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
                    503: "Service Unavailable"}
-        if isinstance(body, str):
+        if isinstance(body, bytes):  # the Prometheus text format
+            data, kind = body, "text/plain; version=0.0.4; charset=utf-8"
+        elif isinstance(body, str):
             data, kind = body.encode(), "text/plain; charset=utf-8"
         else:
             data, kind = (json.dumps(body) + "\n").encode(), "application/json"
@@ -134,6 +138,10 @@ class Admin:
         found.sort(key=lambda c: (c["started"], str(c["id"])))
         return 200, {"total": len(found), "offset": offset, "limit": limit,
                      "connections": found[offset:offset + limit]}
+
+    def metrics(self, query):
+        """Prometheus text over every worker (multiprocess files, summed)."""
+        return 200, metrics.render(self.supervisor.metrics_dir)
 
     def config(self, query):
         """The effective configuration, each value with where it came from (JSON)."""

@@ -23,6 +23,7 @@ import time
 from gevent.hub import get_hub
 from gevent.server import StreamServer
 
+from . import metrics
 from .admission import (
     ADMIT,
     BLOCKED_HOST,
@@ -125,6 +126,7 @@ class RouteServer:
         """StreamServer's handler, in the hub: admit, queue or shed one accepted client."""
         try:
             now = time.monotonic()
+            metrics.accepted(self.name)
             host = address[0] if isinstance(address, tuple) else "unix"
             if self.blocker.blocked(host, now):
                 return self.shed(client, address, BLOCKED_HOST)
@@ -145,6 +147,7 @@ class RouteServer:
         """Refuse one client at once: the shed-message, the close, the count, the log line."""
         if reason not in (QUEUE_FULL, QUEUE_TIMEOUT):
             self.admission.count_shed(reason)
+        metrics.shed(self.name, reason)
         message = self.config.shed_message
         if message:
             try:

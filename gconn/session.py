@@ -17,7 +17,7 @@ import time
 import gevent
 from gevent import GreenletExit
 
-from . import local
+from . import local, metrics
 from .errors import DestinationUnavailable, NoHealthyDestination, ResourceExhausted
 from .forward import Pump
 from .log import log_access
@@ -34,9 +34,11 @@ def connect_destination(route, now):
     if not candidates:
         raise NoHealthyDestination(f"route {route.name}: no destination available")
     for destination in candidates:
+        begun = time.monotonic()
         try:
             connection = connect(destination.address, route.config.connect_timeout)
         except DestinationUnavailable as error:
+            metrics.connect_failed(route.name, str(destination.address))
             if route.config.check_interval > 0:  # quarantined until the checks see it rise
                 route.destinations.quarantine(destination, str(error))
                 LOGGER.warning("route=%s destination %s is down (quarantined)", route.name,
@@ -46,6 +48,7 @@ def connect_destination(route, now):
             LOGGER.warning("destination %s failed: %s", destination.address, error)
             continue
         destination.connect_succeeded()
+        metrics.connected(route.name, str(destination.address), time.monotonic() - begun)
         return connection, destination
     raise DestinationUnavailable(f"route {route.name}: every destination failed")
 
@@ -75,6 +78,7 @@ class Session:
             # Nagle on our sends to the client plus its delayed ACK costs ~40 ms per reply
             self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.route.registry.add(self)
+        metrics.admitted(self.route.name)
         self.context.phase = "connecting"
         self.greenlet = gevent.spawn_raw(self.connect)
 
@@ -147,4 +151,6 @@ class Session:
             self.route.registry.remove(self)
             duration = time.monotonic() - self.started
             log_access(context, end, duration)
+            metrics.session_ended(self.route.name, context.destination, end, duration,
+                                  context.bytes_up, context.bytes_down)
             self.route.session_ended(self, end, duration)

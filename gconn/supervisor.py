@@ -22,7 +22,7 @@ import time
 import gevent
 from gevent.queue import Empty, Queue
 
-from . import control, log
+from . import control, log, metrics
 from .admin import Admin
 from .config import load
 from .errors import ConfigError, StartupError
@@ -143,6 +143,7 @@ class Supervisor:
         self.argv = argv
         self.admin = None
         self.admin_token = admin_token
+        self.metrics_dir = None
         self.control_dir = tempfile.mkdtemp(prefix="gconn-control-")  # workers' sockets
         self.generation = 0
         self.workers = {}  # pid -> WorkerProcess
@@ -280,6 +281,7 @@ class Supervisor:
         """Start the workers, then dispatch signals and tend workers until stopped."""
         self.config = self.reserve_addresses(self.config)
         self.check_capacity(self.config)
+        self.metrics_dir = metrics.setup()  # before any fork: workers inherit the metrics
         process = self.config.process
         if process.admin is not None:
             self.admin = Admin(self, process.admin, self.admin_token)
@@ -308,6 +310,7 @@ class Supervisor:
         if self.admin is not None:
             self.admin.stop()
         shutil.rmtree(self.control_dir, ignore_errors=True)
+        metrics.teardown(self.metrics_dir)
         LOGGER.info("stopped")
         return 0
 
@@ -478,6 +481,7 @@ class Supervisor:
             if worker is None:
                 continue
             self.heartbeats.give_back(worker.slot)
+            metrics.forget(pid)
             code = os.waitstatus_to_exitcode(status)
             how = describe_exit(code)
             if worker.retiring:

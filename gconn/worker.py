@@ -11,12 +11,14 @@ import ctypes
 import dataclasses
 import logging
 import os
+import resource
 import signal
+import time
 
 import gevent
 from gevent.event import Event
 
-from . import log
+from . import log, metrics
 from .control import ControlServer
 from .listener import RouteServer
 from .registry import Registry
@@ -132,6 +134,17 @@ class MemoryTrimmer:
             self.peak = live
 
 
+def publish_metrics(worker, index):
+    """The worker's state gauges (once per heartbeat, never on the data path)."""
+    if not metrics.enabled():
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with open("/proc/self/statm") as stream:
+        rss = int(stream.read().split()[1]) * resource.getpagesize()
+    metrics.publish_state(index, worker.routes, len(worker.registry),
+                          len(os.listdir("/proc/self/fd")), soft, rss, time.monotonic())
+
+
 def worker_config(config, index, count):
     """``config`` with each route's max-connections replaced by worker ``index``'s share."""
     routes = tuple(dataclasses.replace(
@@ -155,7 +168,12 @@ def worker_process(config, index, count, heartbeats, slot, generation, listeners
     if control_dir is not None:
         control_server = ControlServer(worker, control_dir, index, generation)
         control_server.start()
-    worker.on_ready = lambda: heartbeats.set_ready(slot)
+    def ready():
+        metrics.prime(worker.routes)
+        publish_metrics(worker, index)
+        heartbeats.set_ready(slot)
+
+    worker.on_ready = ready
 
     trimmer = MemoryTrimmer()
 
@@ -167,6 +185,7 @@ def worker_process(config, index, count, heartbeats, slot, generation, listeners
             if worker.stopping.is_set():
                 heartbeats.set_draining(slot)
             trimmer.observe(len(worker.registry))
+            publish_metrics(worker, index)
             if not orphaned and os.getppid() != supervisor_pid:
                 orphaned = True
                 LOGGER.warning("supervisor pid=%d is gone; draining", supervisor_pid)

@@ -197,3 +197,57 @@ def test_gconn_status_prints_a_summary_per_route(start_echo, start_daemon):
     down = subprocess.run([sys.executable, "-m", "gconn", "status", "--admin",
                            f"127.0.0.1:{free_port()}"], capture_output=True, text=True)
     assert down.returncode == 1 and "cannot read" in down.stderr
+
+
+def scrape(daemon):
+    """{(name, frozenset(labels)): value} from /metrics, parsed by prometheus-client."""
+    from prometheus_client.parser import text_string_to_metric_families
+    status, body = get(daemon, "/metrics")
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_metrics_count_exactly_and_survive_a_worker_restart(start_echo, start_daemon):
+    """After known connections the counters equal them; a killed worker's counts stay once."""
+    echo = start_echo()
+    refused = f"127.0.0.1:{free_port()}"
+    daemon = start_daemon("--workers", "2", "--strategy", "first-available", "--bind",
+                          "127.0.0.1:0", "--destination", refused,
+                          "--destination", echo.address)
+    sizes = [1000 * (number + 1) for number in range(10)]
+
+    def run(batch):
+        mark = daemon.mark()
+        for size in batch:
+            assert echo_roundtrip(daemon.port(), b"m" * size)[1] == size
+        for _ in batch:  # each session has ended (and counted) once its line is out
+            mark = daemon.lines.index(daemon.wait_contains(" end=", since=mark)) + 1
+
+    def expect(samples, count, total):
+        route = ("route", "default")
+        assert samples[("gconn_connections_accepted_total", frozenset([route]))] == count
+        assert samples[("gconn_connections_ended_total",
+                        frozenset([route, ("end", "client_closed")]))] == count
+        for direction in ("up", "down"):
+            assert samples[("gconn_forwarded_bytes_total", frozenset(
+                [route, ("destination", echo.address), ("direction", direction)]))] == total
+        assert samples[("gconn_destination_connect_errors_total",
+                        frozenset([route, ("destination", refused)]))] == count
+        assert samples[("gconn_session_seconds_count", frozenset([route]))] == count
+        assert samples[("gconn_connect_seconds_count", frozenset([route]))] == count
+
+    run(sizes)
+    expect(scrape(daemon), 10, sum(sizes))
+    victim = int(daemon.wait_contains("worker 0 started").split("pid=")[1].split()[0])
+    mark = daemon.mark()
+    os.kill(victim, signal.SIGKILL)
+    daemon.wait_contains("ready workers=2", since=mark)
+    expect(scrape(daemon), 10, sum(sizes))  # nothing lost, nothing counted twice
+    run(sizes[:3])
+    expect(scrape(daemon), 13, sum(sizes) + sum(sizes[:3]))
+    live = [labels for name, labels in scrape(daemon) if name == "gconn_worker_connections"]
+    assert str(victim) not in {dict(labels)["pid"] for labels in live}

@@ -1,0 +1,186 @@
+"""Metric definitions (prometheus-client, multiprocess mode) and where their values come from.
+
+The supervisor calls ``setup`` before it forks: it points prometheus-client at a private
+directory (PROMETHEUS_MULTIPROC_DIR must be set before the library is imported), so each worker
+writes its own files and the admin endpoint sums them (``render``).  A dead worker's gauges
+are dropped (``forget``); its counters stay, so totals survive a restart without double
+counting.  Nothing here runs per chunk: counters move once per connection (at its end) and
+state gauges once per heartbeat.  Until ``setup`` runs (tests, gconn-echo) every call is a
+no-op.
+"""
+
+import os
+import shutil
+import tempfile
+
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, float("inf"))  # connect and session
+_metrics = None  # the namespace of metric objects once set up
+
+
+class _Metrics:
+    """The metric objects; created once, before the workers fork."""
+
+    def __init__(self, prometheus):
+        counter, gauge, histogram = prometheus.Counter, prometheus.Gauge, prometheus.Histogram
+        route = ["route"]
+        destination = ["route", "destination"]
+        self.accepted = counter("gconn_connections_accepted_total",
+                                "Clients accepted by a route's listener", route)
+        self.admitted = counter("gconn_connections_admitted_total",
+                                "Sessions started (directly or from the queue)", route)
+        self.shed = counter("gconn_connections_shed_total",
+                            "Clients refused at once, by reason", ["route", "reason"])
+        self.ended = counter("gconn_connections_ended_total",
+                             "Sessions finished, by how they ended", ["route", "end"])
+        self.forwarded = counter("gconn_forwarded_bytes_total",
+                                 "Bytes forwarded; up is client to destination",
+                                 ["route", "destination", "direction"])
+        self.destination_connections = counter(
+            "gconn_destination_connections_total", "Connections made to a destination",
+            destination)
+        self.connect_errors = counter("gconn_destination_connect_errors_total",
+                                      "Failed connection attempts to a destination", destination)
+        self.connect_seconds = histogram("gconn_connect_seconds",
+                                         "Time to connect to a destination", route,
+                                         buckets=SECONDS_BUCKETS)
+        self.session_seconds = histogram("gconn_session_seconds",
+                                         "Session duration from accept to close", route,
+                                         buckets=SECONDS_BUCKETS)
+        self.active = gauge("gconn_connections_active", "Sessions in progress", route,
+                            multiprocess_mode="livesum")
+        self.queued = gauge("gconn_connections_queued", "Clients waiting for a slot", route,
+                            multiprocess_mode="livesum")
+        self.limit = gauge("gconn_connections_limit", "max-connections over live workers",
+                           route, multiprocess_mode="livesum")
+        self.blocked_hosts = gauge("gconn_blocked_hosts", "Client hosts blocked now", route,
+                                   multiprocess_mode="livesum")
+        self.destination_up = gauge("gconn_destination_up",
+                                    "1 when every worker sees the destination healthy",
+                                    destination, multiprocess_mode="livemin")
+        self.worker_connections = gauge("gconn_worker_connections",
+                                        "Live connections per worker", ["worker"],
+                                        multiprocess_mode="liveall")
+        self.worker_fds = gauge("gconn_worker_open_fds", "Open descriptors per worker", ["worker"],
+                                multiprocess_mode="liveall")
+        self.worker_fd_limit = gauge("gconn_worker_open_fds_limit",
+                                     "Open-files limit per worker", ["worker"],
+                                     multiprocess_mode="liveall")
+        self.worker_rss = gauge("gconn_worker_resident_memory_bytes",
+                                "Resident memory per worker", ["worker"],
+                                multiprocess_mode="liveall")
+
+
+def setup():
+    """In the supervisor, before any worker forks: a fresh multiprocess directory and the
+    metric objects.  Returns the directory (removed by ``teardown``)."""
+    global _metrics
+    directory = tempfile.mkdtemp(prefix="gconn-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    import prometheus_client
+    _metrics = _Metrics(prometheus_client)
+    return directory
+
+
+def teardown(directory):
+    """Remove the multiprocess directory at exit."""
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def enabled():
+    return _metrics is not None
+
+
+def render(directory):
+    """The Prometheus text exposition summed over every worker's files."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return generate_latest(registry)
+
+
+def forget(pid):
+    """A worker exited: drop its live gauges (its counters remain in the totals)."""
+    if _metrics is not None:
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(pid)
+
+
+def accepted(route):
+    if _metrics is not None:
+        _metrics.accepted.labels(route).inc()
+
+
+def admitted(route):
+    if _metrics is not None:
+        _metrics.admitted.labels(route).inc()
+
+
+def shed(route, reason):
+    if _metrics is not None:
+        _metrics.shed.labels(route, reason).inc()
+
+
+def connect_failed(route, destination):
+    if _metrics is not None:
+        _metrics.connect_errors.labels(route, destination).inc()
+
+
+def connected(route, destination, seconds):
+    if _metrics is not None:
+        _metrics.destination_connections.labels(route, destination).inc()
+        _metrics.connect_seconds.labels(route).observe(seconds)
+
+
+def session_ended(route, destination, end, seconds, bytes_up, bytes_down):
+    """Everything a finished session adds, in one place (once per connection)."""
+    if _metrics is None:
+        return
+    _metrics.ended.labels(route, end).inc()
+    _metrics.session_seconds.labels(route).observe(seconds)
+    if destination is not None:
+        _metrics.forwarded.labels(route, destination, "up").inc(bytes_up)
+        _metrics.forwarded.labels(route, destination, "down").inc(bytes_down)
+
+
+def prime(routes):
+    """Create every route's and destination's series at zero (Prometheus practice: a series
+    exists before its first event), which also opens this worker's metric files before it
+    reports ready, so its descriptor count is steady from then on."""
+    if _metrics is None:
+        return
+    from .admission import SHED_REASONS
+    for route in routes:
+        name = route.name
+        for counter in (_metrics.accepted, _metrics.admitted):
+            counter.labels(name).inc(0)
+        for reason in SHED_REASONS:
+            _metrics.shed.labels(name, reason).inc(0)
+        _metrics.connect_seconds.labels(name)
+        _metrics.session_seconds.labels(name)
+        for destination in route.destinations.destinations:
+            address = str(destination.address)
+            _metrics.destination_connections.labels(name, address).inc(0)
+            _metrics.connect_errors.labels(name, address).inc(0)
+            for direction in ("up", "down"):
+                _metrics.forwarded.labels(name, address, direction).inc(0)
+
+
+def publish_state(worker, routes, live, fds, fd_limit, rss, now):
+    """Worker ``worker``'s state gauges (its index), once per heartbeat."""
+    if _metrics is None:
+        return
+    for route in routes:
+        name = route.name
+        _metrics.active.labels(name).set(route.admission.active)
+        _metrics.queued.labels(name).set(len(route.admission.waiting))
+        _metrics.limit.labels(name).set(route.admission.limit)
+        _metrics.blocked_hosts.labels(name).set(route.blocker.blocked_hosts(now))
+        for destination in route.destinations.destinations:
+            _metrics.destination_up.labels(name, str(destination.address)).set(
+                1 if destination.healthy else 0)
+    worker = str(worker)
+    _metrics.worker_connections.labels(worker).set(live)
+    _metrics.worker_fds.labels(worker).set(fds)
+    _metrics.worker_fd_limit.labels(worker).set(fd_limit)
+    _metrics.worker_rss.labels(worker).set(rss)
