@@ -82,6 +82,14 @@ def test_readyz_follows_destination_health_and_hung_workers(start_daemon, tag_se
         assert time.monotonic() < deadline, "never ready again"
         time.sleep(0.05)  # polling readiness
     worker = int(daemon.wait_contains("worker 0 started").split("pid=")[1].split()[0])
+    mark = daemon.mark()
+    os.kill(worker, signal.SIGKILL)  # its listeners are gone until the replacement's are up
+    status, body = get(daemon, "/readyz")
+    assert status == 503 and "worker" in body, body
+    daemon.wait_contains("ready workers=2", since=mark)
+    assert get(daemon, "/readyz") == (200, "ready\n")
+    worker = int(daemon.wait_contains("worker 0 started", since=mark)
+                 .split("pid=")[1].split()[0])
     os.kill(worker, signal.SIGSTOP)
     try:
         status, body = get(daemon, "/readyz")

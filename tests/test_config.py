@@ -43,6 +43,7 @@ BAD_CONFIGS = [
     ("zero buffer-size", ROUTE + "buffer-size = 0\n", 4, "buffer-size"),
     ("worker-timeout below heartbeats", "[gconn]\nworker-timeout = 0\n" + ROUTE, 2,
      "worker-timeout"),
+    ("unknown loop", "[gconn]\nloop = kqueue\n" + ROUTE, 2, "loop"),
     ("unknown section", "[routes]\nbind = 1\n", 1, None),
     ("line without equals", ROUTE + "just words\n", 4, None),
 ]

@@ -302,3 +302,13 @@ def test_worker_killed_by_a_realtime_signal_is_replaced(start_echo, start_daemon
     daemon.wait_contains(f"pid={victim} died (signal {signal.SIGRTMIN + 6})", since=mark)
     daemon.wait_contains("ready workers=1", since=mark)
     assert echo_roundtrip(daemon.port(), b"alive")[1] == 5
+
+
+@pytest.mark.parametrize("loop", ["epoll", "poll", "select", "libuv"])
+def test_every_event_loop_choice_forwards(loop, start_echo, start_daemon):
+    """loop = epoll | poll | select | libuv: the daemon runs on it and forwards verified bytes."""
+    echo = start_echo()
+    daemon = start_daemon("--workers", "1", "--loop", loop, "--bind", "127.0.0.1:0",
+                          "--destination", echo.address)
+    data = os.urandom(2 * 1024 * 1024)
+    assert echo_roundtrip(daemon.port(), data) == (hashlib.sha256(data).hexdigest(), len(data))
