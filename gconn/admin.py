@@ -21,9 +21,19 @@ from . import metrics
 from .sockets import bound_address, listen
 
 LOGGER = logging.getLogger("gconn.admin")
-ADMIN_CONNECTIONS = 64  # admin requests served at once
+ADMIN_CONNECTIONS = 256  # admin requests served at once
+READ_TIMEOUT = 2.0  # seconds an admin client may take to send its request
 PAGE_LIMIT = 1000  # /connections entries per page when no limit is given
 PAGE_LIMIT_MAX = 100_000  # the largest limit a request may ask for
+
+
+class TimedWSGIServer(WSGIServer):
+    """pywsgi with a read timeout: an idle admin client cannot hold a slot (or the
+    supervisor's forks, which wait for in-flight requests) for more than READ_TIMEOUT."""
+
+    def handle(self, sock, address):
+        sock.settimeout(READ_TIMEOUT)
+        super().handle(sock, address)
 
 
 class AccessLog:
@@ -45,8 +55,8 @@ class Admin:
         # one answer: the supervisor forks only while the pool is empty, so no request is
         # ever half-way in a freshly forked worker.
         self.pool = Pool(ADMIN_CONNECTIONS)
-        self.server = WSGIServer(self.socket, self.application, spawn=self.pool,
-                                 log=AccessLog(), error_log=AccessLog())
+        self.server = TimedWSGIServer(self.socket, self.application, spawn=self.pool,
+                                      log=AccessLog(), error_log=AccessLog())
         self.routes = {"/livez": self.livez, "/readyz": self.readyz, "/status": self.status,
                        "/connections": self.connections, "/config": self.config,
                        "/metrics": self.metrics}
@@ -160,6 +170,6 @@ def whole_number(query, name, default, low, high):
     text = query.get(name)
     if text is None or text == "":
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise BadRequest(f"{name} must be a whole number from {low} to {high}")
     return int(text)

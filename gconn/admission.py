@@ -68,20 +68,24 @@ class Admission:
         """The deadline of the longest-waiting client, or None."""
         return self.waiting[0][0] if self.waiting else None
 
-    def release(self, now):
-        """A session ended.  Returns the waiting client that takes its slot (already counted
-        active), or None; clients whose deadline passed are left for ``expired``."""
+    def release(self):
+        """A session ended: one slot fewer in use (``take`` hands it to a waiting client)."""
         self.active -= 1
-        if self.waiting and self.waiting[0][0] > now and not self.full():
+
+    def take(self, now):
+        """The longest-waiting client still within its deadline, if there is room: counted
+        active and returned; else None.  Call ``expired`` first to shed the late ones."""
+        if self.waiting and not self.full() and self.waiting[0][0] > now:
             self.active += 1
             self.admitted += 1
             return self.waiting.popleft()[1]
         return None
 
     def drop_waiting(self):
-        """Remove and return every waiting client (shutdown)."""
+        """Remove and return every waiting client (shutdown), counted as queue_timeout."""
         items = [item for _, item in self.waiting]
         self.waiting.clear()
+        self.shed[QUEUE_TIMEOUT] += len(items)
         return items
 
 

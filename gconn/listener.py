@@ -18,6 +18,7 @@ The listening socket is made by sockets.listen (or inherited) and closed here.
 
 import logging
 import os
+import socket
 import time
 
 from gevent.hub import get_hub
@@ -100,6 +101,16 @@ class Acceptor(StreamServer):
         super().close()
 
 
+def client_gone(client):
+    """Whether a waiting client has already closed (or reset) its connection."""
+    try:
+        return client._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
 class RouteServer:
     """One route in one process: listener, admission (queue, shedding, blocked hosts),
     destinations with their health checks, and the worker's registry."""
@@ -171,8 +182,24 @@ class RouteServer:
         """Shed the waiting clients whose queue-timeout has passed; re-arm for the next."""
         self.queue_timer.close()
         self.queue_timer = None
-        for client, address in self.admission.expired(time.monotonic()):
+        self.service_queue(time.monotonic())
+
+    def service_queue(self, now):
+        """Shed the waiting clients that are late, start sessions for the next ones while
+        there is room (a client that already hung up is closed, not connected onwards)."""
+        for client, address in self.admission.expired(now):
             self.shed(client, address, QUEUE_TIMEOUT)
+        while (waiting := self.admission.take(now)) is not None:
+            client, address = waiting
+            if client_gone(client):
+                self.admission.release()
+                client.close()
+                context = ConnectionContext(self.registry.next_id(), self.name,
+                                            peer_name(address))
+                context.phase = "closed"
+                log_access(context, "client_closed", 0.0)
+                continue
+            Session(self, client, address).start()
         self.arm_queue_timer()
 
     def session_ended(self, session, end, duration):
@@ -187,9 +214,9 @@ class RouteServer:
                                self.config.blocked_host_time, self.config.max_connect_errors)
         elif session.context.bytes_up:
             self.blocker.succeeded(session.host)
-        waiting = self.admission.release(now)
-        if waiting is not None:
-            Session(self, *waiting).start()
+        self.admission.release()
+        if self.admission.waiting:
+            self.service_queue(now)
 
     def start(self):
         """Start accepting and checking destinations."""
@@ -205,7 +232,7 @@ class RouteServer:
         if self.queue_timer is not None:
             self.queue_timer.close()
             self.queue_timer = None
-        for client, address in self.admission.drop_waiting():
+        for client, address in self.admission.drop_waiting():  # counted there
             self.shed(client, address, QUEUE_TIMEOUT)
         if self.config.bind.family == "unix" and self.owns_address:
             try:

@@ -104,7 +104,7 @@ class Session:
         except Exception as error:  # a bug or an unforeseen OS error: report it, serve others
             local.set_error("error", str(error))
             LOGGER.exception("session failed while connecting")
-            return self.finish(f"error: {error}")
+            return self.finish(f"error: {error}")  # the text goes to the access log only
         finally:
             self.greenlet = None
         self.context.destination = str(self.destination.address)
@@ -124,8 +124,9 @@ class Session:
         """End the session now (shutdown): stop forwarding or interrupt the connect."""
         if self.pump is not None:
             self.pump.end("shutdown")
-        elif self.greenlet:  # connecting: GreenletExit in its connect finishes it
-            self.greenlet.throw(GreenletExit)
+        elif self.greenlet:  # connecting: GreenletExit in its connect finishes it (delivered
+            # through the hub: a direct throw would never switch back to the caller)
+            gevent.kill(self.greenlet, GreenletExit)
         else:  # not yet started: it will see ``ended`` and return at once
             self.finish("shutdown")
 
@@ -150,7 +151,10 @@ class Session:
         finally:
             self.route.registry.remove(self)
             duration = time.monotonic() - self.started
-            log_access(context, end, duration)
-            metrics.session_ended(self.route.name, context.destination, end, duration,
-                                  context.bytes_up, context.bytes_down)
-            self.route.session_ended(self, end, duration)
+            try:
+                self.route.session_ended(self, end, duration)  # the slot first, whatever fails
+            finally:
+                log_access(context, end, duration)
+                metrics.session_ended(self.route.name, context.destination,
+                                      "error" if end.startswith("error") else end, duration,
+                                      context.bytes_up, context.bytes_down)

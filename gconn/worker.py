@@ -26,6 +26,7 @@ from .registry import Registry
 LOGGER = logging.getLogger("gconn.worker")
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's liveness stamps
+ABORT_GRACE = 5.0  # seconds for aborted sessions to finish at the end of a drain
 TRIM_MINIMUM = 256  # live connections a wave must reach before its end returns memory
 
 
@@ -103,6 +104,7 @@ class Worker:
         gevent.wait([self.registry.empty, self.stop_now], timeout=timeout, count=1)
         left = self.registry.abort_all()
         if left:
+            self.registry.empty.wait(ABORT_GRACE)  # connecting ones end through the hub
             LOGGER.info("closed %d connections still live", left)
         for server in self.routes:
             LOGGER.info("%s", server.summary())

@@ -281,3 +281,28 @@ def stop_gracefully(process, signum=signal.SIGTERM, timeout=30):
     """Send ``signum`` and return the exit code."""
     process.signal(signum)
     return process.wait_exit(timeout)
+
+
+@pytest.fixture
+def blackhole():
+    """A loopback address whose SYNs go unanswered: a listener with a full accept queue."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers = []
+    for _ in range(16):
+        probe = socket.socket()
+        probe.settimeout(0.5)
+        try:
+            probe.connect(address)
+        except TimeoutError:
+            probe.close()
+            break
+        fillers.append(probe)
+    else:
+        pytest.fail("could not fill the accept queue: no blackhole to test with")
+    yield f"{address[0]}:{address[1]}"
+    for probe in fillers:
+        probe.close()
+    listener.close()

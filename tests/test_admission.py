@@ -10,7 +10,11 @@ def test_admit_then_queue_in_arrival_order_then_shed():
     admission = Admission(limit=10, max_queued=5, queue_timeout=5.0)
     decisions = [admission.arrive(n, now=0.0) for n in range(16)]
     assert decisions == [ADMIT] * 10 + [QUEUE] * 5 + [QUEUE_FULL]
-    assert [admission.release(now=1.0) for _ in range(5)] == [10, 11, 12, 13, 14]
+    taken = []
+    for _ in range(5):
+        admission.release()
+        taken.append(admission.take(now=1.0))
+    assert taken == [10, 11, 12, 13, 14]
     assert admission.active == 10 and admission.admitted == 15 and admission.queued == 5
     assert admission.shed[QUEUE_FULL] == 1
 
@@ -24,8 +28,20 @@ def test_queue_timeout_sheds_the_expired_head_first():
     assert admission.next_deadline() == 2.0
     assert admission.expired(now=2.5) == ["b"]
     assert admission.next_deadline() == 3.0
-    assert admission.release(now=2.6) == "c"
+    admission.release()
+    assert admission.take(now=2.6) == "c"
     assert admission.shed[QUEUE_TIMEOUT] == 1
+
+
+def test_a_slot_freed_after_the_head_expired_goes_to_the_next_waiting():
+    """Release, then the expired head is shed, and the next waiting client takes the slot."""
+    admission = Admission(limit=1, max_queued=3, queue_timeout=2.0)
+    admission.arrive("a", now=0.0)
+    admission.arrive("b", now=0.0)
+    admission.arrive("c", now=1.0)
+    admission.release()
+    assert admission.expired(now=2.5) == ["b"]
+    assert admission.take(now=2.5) == "c" and admission.active == 1
 
 
 def test_no_queue_means_shed_when_full():

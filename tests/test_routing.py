@@ -58,31 +58,6 @@ def test_failover_when_the_first_destination_refuses(start_echo, start_daemon):
     assert f"destination={echo.address}" in line and "end=client_closed" in line
 
 
-@pytest.fixture
-def blackhole():
-    """A loopback address whose SYNs go unanswered: a listener with a full accept queue."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    address = listener.getsockname()
-    fillers = []
-    for _ in range(16):
-        probe = socket.socket()
-        probe.settimeout(0.5)
-        try:
-            probe.connect(address)
-        except TimeoutError:
-            probe.close()
-            break
-        fillers.append(probe)
-    else:
-        pytest.fail("could not fill the accept queue: no blackhole to test with")
-    yield f"{address[0]}:{address[1]}"
-    for probe in fillers:
-        probe.close()
-    listener.close()
-
-
 def test_failover_when_the_first_destination_blackholes(blackhole, start_echo, start_daemon):
     """A first destination that never answers: served by the next within connect-timeout."""
     echo = start_echo()

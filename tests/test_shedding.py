@@ -1,6 +1,7 @@
 """Admission on real sockets: the bounded queue, shedding, floods, health checks, blocked hosts."""
 
 import json
+import os
 import select
 import signal
 import socket
@@ -221,3 +222,43 @@ def test_max_connect_errors_blocks_one_host_for_blocked_host_time(tag_servers, s
         time.sleep(0.1)  # pacing retries until the block ends
     assert time.monotonic() - blocked_at >= 0.9
     assert echo_roundtrip(port, b"")[1] == 3  # the tag only: the route serves as before
+
+
+def test_clients_that_hang_up_while_queued_are_not_host_failures(start_echo, start_daemon):
+    """Clients that give up while waiting are closed, not connected onwards, not counted."""
+    echo = start_echo()
+    daemon = start_daemon("--workers", "1", "--max-connections", "1", "--max-queued", "10",
+                          "--max-connect-errors", "2", "--bind", "127.0.0.1:0",
+                          "--destination", echo.address)
+    port = daemon.port()
+    holder = connect(port)
+    holder.sendall(b"x")
+    assert holder.recv(1) == b"x"
+    for _ in range(3):
+        connect(port).close()  # queued, then gone
+    mark = daemon.mark()
+    holder.close()
+    for _ in range(4):  # the holder's line and three for the clients that left
+        mark = daemon.lines.index(daemon.wait_contains(" end=", since=mark)) + 1
+    assert not any("blocked" in line for line in daemon.lines)
+    assert echo_roundtrip(port, b"served")[1] == 6
+    gone = [line for line in daemon.lines if "destination=-" in line and "client_closed" in line]
+    assert len(gone) == 3
+
+
+def test_idle_admin_clients_do_not_hold_up_worker_restarts(start_echo, start_daemon):
+    """Idle connections to the admin endpoint time out; a dead worker is still replaced."""
+    echo = start_echo()
+    daemon = start_daemon("--workers", "1", "--bind", "127.0.0.1:0",
+                          "--destination", echo.address)
+    host, port = daemon.admin.rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port))) for _ in range(5)]
+    try:
+        victim = int(daemon.wait_contains("worker 0 started").split("pid=")[1].split()[0])
+        mark = daemon.mark()
+        os.kill(victim, signal.SIGKILL)
+        daemon.wait_contains("ready workers=1", since=mark, timeout=15)
+    finally:
+        for connection in idle:
+            connection.close()
+    assert echo_roundtrip(daemon.port(), b"alive")[1] == 5

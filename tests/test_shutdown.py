@@ -1,10 +1,13 @@
 """SIGTERM/SIGINT: stop accepting, let live transfers finish within shutdown-timeout, exit 0."""
 
 import hashlib
+import json
 import os
 import signal
 import socket
 import threading
+import time
+import urllib.request
 
 import pytest
 from conftest import connect, stop_gracefully
@@ -71,3 +74,30 @@ def test_second_signal_stops_at_once(start_echo, start_daemon):
         daemon.wait_contains("refusing new connections")
         assert stop_gracefully(daemon, signal.SIGTERM, timeout=20) == 0
     assert "end=shutdown" in daemon.wait_contains(" end=")
+
+
+def test_shutdown_ends_sessions_still_connecting(blackhole, start_daemon):
+    """Sessions stuck connecting to a blackhole end as shutdown when the drain runs out."""
+    daemon = start_daemon("--workers", "1", "--connect-timeout", "60s",
+                          "--shutdown-timeout", "500ms", "--bind", "127.0.0.1:0",
+                          "--destination", blackhole)
+    clients = [connect(daemon.port()) for _ in range(3)]
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # until all three are accepted and connecting
+            with urllib.request.urlopen(f"http://{daemon.admin}/connections") as response:
+                found = json.loads(response.read())["connections"]
+            if [c["phase"] for c in found] == ["connecting"] * 3:
+                break
+            assert time.monotonic() < deadline, found
+            time.sleep(0.05)  # polling the admin endpoint
+        mark = daemon.mark()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(timeout=15) == 0
+        ended = [line for line in daemon.lines[mark:] if "end=shutdown" in line]
+        assert len(ended) == 3, daemon.lines[mark:]
+        assert any("worker stopped" in line for line in daemon.lines[mark:])
+        assert not any("overran" in line for line in daemon.lines[mark:])
+    finally:
+        for client in clients:
+            client.close()
