@@ -393,14 +393,19 @@ TABLE_START = ".. options-table-start"
 TABLE_END = ".. options-table-end"
 
 
-def rewrite_readme_table(path):
-    """Replace README.rst's option table (between its markers) with the rendered one."""
+def rewrite_between_markers(path, start, end, body):
+    """Replace what stands between the lines ``start`` and ``end`` of a text file."""
     with open(path, encoding="utf-8") as stream:
         text = stream.read()
-    head, _, rest = text.partition(TABLE_START + "\n")
-    _, _, tail = rest.partition(TABLE_END + "\n")
+    head, _, rest = text.partition(start + "\n")
+    _, _, tail = rest.partition(end + "\n")
     with open(path, "w", encoding="utf-8") as stream:
-        stream.write(f"{head}{TABLE_START}\n\n{render_option_table()}\n{TABLE_END}\n{tail}")
+        stream.write(f"{head}{start}\n\n{body}\n{end}\n{tail}")
+
+
+def rewrite_readme_table(path):
+    """Replace README.rst's option table (between its markers) with the rendered one."""
+    rewrite_between_markers(path, TABLE_START, TABLE_END, render_option_table())
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ import subprocess
 import sys
 import time
 
-from tools.soak import ROOT, Fleet, wait_for_line
+from gconn.settings import rewrite_between_markers
+from tools.soak import ROOT, Fleet, load_pyplot, wait_for_line
 
 PEERS = ("noproxy", "gconn", "haproxy", "nginx", "uvloop", "asyncio", "gevent")
 PROXY_CPU, LOAD_CPU = "0", "1"  # the proxy's core and the load generator's and backend's
@@ -314,13 +315,8 @@ def rst_table(report):
 
 def rewrite_readme(path, report):
     """Replace README's Performance table (between its markers) with this report's."""
-    start, end = ".. performance-start", ".. performance-end"
-    with open(path, encoding="utf-8") as stream:
-        text = stream.read()
-    head, _, rest = text.partition(start + "\n")
-    _, _, tail = rest.partition(end + "\n")
-    with open(path, "w", encoding="utf-8") as stream:
-        stream.write(f"{head}{start}\n\n{rst_table(report)}\n{end}\n{tail}")
+    rewrite_between_markers(path, ".. performance-start", ".. performance-end",
+                            rst_table(report))
 
 
 def format_figure(value):
@@ -332,12 +328,8 @@ def format_figure(value):
 
 
 def plot(report, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("gconn-bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+    plt = load_pyplot("gconn-bench")
+    if plt is None:
         return
     base = report["peers"].get("noproxy", {})
     keys = [key for key, _, _ in FIGURES if base.get(key)]

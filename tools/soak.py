@@ -475,13 +475,21 @@ def print_table(report):
         print(f"  {name.ljust(width)}  {value}")
 
 
-def plot(report, path):
+def load_pyplot(tool):
+    """matplotlib's pyplot on a file backend, or None (said once) when it is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as pyplot
     except ImportError:
-        print("gconn-soak: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        print(f"{tool}: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return None
+    return pyplot
+
+
+def plot(report, path):
+    plt = load_pyplot("gconn-soak")
+    if plt is None:
         return
     times = [point["t"] for point in report["timeline"]]
     figure, left = plt.subplots(figsize=(8, 4))
