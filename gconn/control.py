@@ -10,12 +10,13 @@ supervisor's side: all workers are asked at once, each within a timeout.
 import json
 import logging
 import os
-import resource
 import socket
 import time
 
 import gevent
 from gevent.server import StreamServer
+
+from .sockets import process_usage
 
 LOGGER = logging.getLogger("gconn.control")
 REQUEST_LIMIT = 256  # bytes: a command line is short
@@ -89,20 +90,13 @@ class ControlServer:
             return connections
         if command == "state":
             now = time.monotonic()
-            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            fds, fd_limit, resident = process_usage()
             return {"pid": pid, "index": self.index, "generation": self.generation,
                     "draining": self.worker.stopping.is_set(), "live": len(self.worker.registry),
-                    "fds": len(os.listdir("/proc/self/fd")), "fd_limit": soft,
-                    "rss_bytes": _resident_bytes(),
+                    "fds": fds, "fd_limit": fd_limit, "rss_bytes": resident,
                     "routes": {route.name: route_state(route, now)
                                for route in self.worker.routes}}
         return {"error": f"unknown command {command!r}"}
-
-
-def _resident_bytes():
-    """This process's resident memory in bytes (from /proc, no extra dependency)."""
-    with open("/proc/self/statm") as stream:
-        return int(stream.read().split()[1]) * resource.getpagesize()
 
 
 def ask_one(path, command):

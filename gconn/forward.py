@@ -149,11 +149,6 @@ class Pump:
         """Bytes forwarded from the destination to the client so far."""
         return self.downstream.count
 
-    @property
-    def half_closed(self):
-        """Whether one direction has ended and the other still flows."""
-        return self.finished == 1
-
     def start(self, idle_timeout=0):
         """Start forwarding; returns at once.  ``idle_timeout`` 0 means none."""
         self.idle_timeout = idle_timeout

@@ -40,7 +40,14 @@ from .health import HealthChecks
 from .local import ConnectionContext
 from .log import log_access
 from .session import Session
-from .sockets import RESOURCE_ERRORS, bound_address, descriptor_capacity, listen, peer_name
+from .sockets import (
+    RESOURCE_ERRORS,
+    bound_address,
+    client_host,
+    descriptor_capacity,
+    listen,
+    peer_name,
+)
 
 LOGGER = logging.getLogger("gconn.listener")
 
@@ -138,8 +145,7 @@ class RouteServer:
         try:
             now = time.monotonic()
             metrics.accepted(self.name)
-            host = address[0] if isinstance(address, tuple) else "unix"
-            if self.blocker.blocked(host, now):
+            if self.blocker.blocked(client_host(address), now):
                 return self.shed(client, address, BLOCKED_HOST)
             if not self.destinations.has_candidates(now):
                 return self.shed(client, address, NO_DESTINATION)
@@ -166,9 +172,13 @@ class RouteServer:
             except OSError:
                 pass
         client.close()
+        self.log_unserved(address, reason)
+
+    def log_unserved(self, address, end):
+        """The access-log line of a client closed without a session."""
         context = ConnectionContext(self.registry.next_id(), self.name, peer_name(address))
         context.phase = "closed"
-        log_access(context, reason, 0.0)
+        log_access(context, end, 0.0)
 
     def arm_queue_timer(self):
         """One timer per route, due when the longest-waiting client's wait runs out."""
@@ -194,10 +204,7 @@ class RouteServer:
             if client_gone(client):
                 self.admission.release()
                 client.close()
-                context = ConnectionContext(self.registry.next_id(), self.name,
-                                            peer_name(address))
-                context.phase = "closed"
-                log_access(context, "client_closed", 0.0)
+                self.log_unserved(address, "client_closed")
                 continue
             Session(self, client, address).start()
         self.arm_queue_timer()

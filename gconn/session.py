@@ -21,7 +21,7 @@ from . import local, metrics
 from .errors import DestinationUnavailable, NoHealthyDestination, ResourceExhausted
 from .forward import Pump
 from .log import log_access
-from .sockets import connect, peer_name
+from .sockets import client_host, connect, peer_name
 
 LOGGER = logging.getLogger("gconn.session")
 
@@ -62,7 +62,7 @@ class Session:
     def __init__(self, route, client, address):
         self.route = route
         self.client = client
-        self.host = address[0] if isinstance(address, tuple) else "unix"
+        self.host = client_host(address)
         self.context = local.ConnectionContext(route.registry.next_id(), route.name,
                                                peer_name(address))
         self.started = time.monotonic()

@@ -155,12 +155,25 @@ def peer_name(address):
     return "unix"
 
 
+def client_host(address):
+    """The host part of a peer address tuple (what max-connect-errors counts), or ``unix``."""
+    return address[0] if isinstance(address, tuple) else "unix"
+
+
 def bound_address(listener, address):
     """The address a listener really has (the port the OS chose for port 0)."""
     if address.family == "unix":
         return str(address)
     host, port = listener.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def process_usage():
+    """(open descriptors, open-files soft limit, resident bytes) of this process, from /proc."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with open("/proc/self/statm") as stream:
+        resident = int(stream.read().split()[1]) * resource.getpagesize()
+    return len(os.listdir("/proc/self/fd")), soft, resident
 
 
 def descriptor_capacity():

@@ -11,7 +11,6 @@ import ctypes
 import dataclasses
 import logging
 import os
-import resource
 import signal
 import time
 
@@ -22,6 +21,7 @@ from . import log, metrics
 from .control import ControlServer
 from .listener import RouteServer
 from .registry import Registry
+from .sockets import process_usage
 
 LOGGER = logging.getLogger("gconn.worker")
 
@@ -140,11 +140,9 @@ def publish_metrics(worker, index):
     """The worker's state gauges (once per heartbeat, never on the data path)."""
     if not metrics.enabled():
         return
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with open("/proc/self/statm") as stream:
-        rss = int(stream.read().split()[1]) * resource.getpagesize()
-    metrics.publish_state(index, worker.routes, len(worker.registry),
-                          len(os.listdir("/proc/self/fd")), soft, rss, time.monotonic())
+    fds, fd_limit, resident = process_usage()
+    metrics.publish_state(index, worker.routes, len(worker.registry), fds, fd_limit, resident,
+                          time.monotonic())
 
 
 def worker_config(config, index, count):
