@@ -150,7 +150,9 @@ class Admin:
                      "connections": found[offset:offset + limit]}
 
     def metrics(self, query):
-        """Prometheus text over every worker (multiprocess files, summed)."""
+        """Prometheus text over every worker (multiprocess files, summed), each worker asked
+        first to publish what it counted since its last heartbeat."""
+        self.supervisor.ask_workers("flush")
         return 200, metrics.render(self.supervisor.metrics_dir)
 
     def config(self, query):

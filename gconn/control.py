@@ -2,8 +2,8 @@
 
 Each worker listens on ``<control dir>/<pid>.sock`` (a unix socket in a directory only the
 supervisor's user can open) and answers one request per connection: a command line
-(``state`` or ``connections``) in, one JSON document out.  Answers are built by walking the
-worker's registry and routes on request only, never on the data path.  ``ask`` is the
+(``state``, ``connections`` or ``flush``) in, one JSON document out.  Answers are built by
+walking the worker's registry and routes on request only, never on the data path.  ``ask`` is the
 supervisor's side: all workers are asked at once, each within a timeout.
 """
 
@@ -16,6 +16,7 @@ import time
 import gevent
 from gevent.server import StreamServer
 
+from . import metrics
 from .sockets import process_usage
 
 LOGGER = logging.getLogger("gconn.control")
@@ -88,6 +89,9 @@ class ControlServer:
             for connection in connections:
                 connection["worker"] = pid
             return connections
+        if command == "flush":
+            metrics.flush()
+            return {"pid": pid}
         if command == "state":
             now = time.monotonic()
             fds, fd_limit, resident = process_usage()

@@ -9,9 +9,11 @@ waits until the receiver takes more.
 
 Half-close aware: end-of-stream from one side shuts the other side's write half once everything
 before it was delivered, and the other direction carries on until it ends too.  The pump never
-closes sockets: the session owns them.  It drives the read/write watchers that gevent's sockets
-already own (no watcher of its own per socket) and calls ``on_end(outcome)`` once, from the hub,
-when the connection is over.
+closes sockets: the session owns them.  The sockets are plain non-blocking OS sockets
+(``_socket.socket``, not gevent's wrapper: its watchers, timeouts and close bookkeeping cost a
+new connection more than the forwarding does); the pump owns one read watcher per socket and
+makes a write watcher only when a receiver is slow.  It calls ``on_end(outcome)`` once, from the
+hub, when the connection is over, after closing its watchers.
 """
 
 import errno
@@ -38,10 +40,10 @@ class _Flow:
 
     def __init__(self, pump, source, target, from_client):
         self.pump = pump
-        self.source = getattr(source, "_sock", source)  # the OS socket under gevent's wrapper
-        self.target = getattr(target, "_sock", target)
-        self.reader = source._read_event  # gevent's own watchers for these sockets
-        self.writer = target._write_event
+        self.source = source
+        self.target = target
+        self.reader = pump.loop.io(source.fileno(), 1)
+        self.writer = None  # made when the target first cannot take a whole chunk
         self.pending = None  # bytes read but not yet taken by the target
         self.count = 0  # bytes read from the source (all delivered unless the peer failed)
         self.ended = False  # the source sent end-of-stream
@@ -74,6 +76,8 @@ class _Flow:
         if sent < received:
             self.pending = bytes(buffer[sent:received])
             self.reader.stop()
+            if self.writer is None:
+                self.writer = self.pump.loop.io(self.target.fileno(), 2)
             self.writer.start(self.on_writable)
 
     def on_writable(self):
@@ -100,6 +104,9 @@ class _Flow:
         """The source ended and all its bytes were delivered: pass the end on (half-close)."""
         if self.pending is not None:
             return  # on_writable calls again once the remainder is delivered
+        if self.pump.finished:  # the other way is over too: the session's close sends the FIN
+            self.pump.flow_finished(self)
+            return
         try:
             self.target.shutdown(socket.SHUT_WR)
         except OSError as error:
@@ -109,9 +116,10 @@ class _Flow:
         self.pump.flow_finished(self)
 
     def stop(self):
-        """Stop this direction's watchers (gevent's socket closes them); idempotent."""
-        self.reader.stop()
-        self.writer.stop()
+        """Stop this direction's watchers for good (before the sockets close); idempotent."""
+        self.reader.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class Pump:
@@ -120,7 +128,7 @@ class Pump:
     ``on_end(outcome)`` is called once, from the hub: ``client_closed`` or
     ``destination_closed`` (the side that ended first, cleanly or by reset), ``idle_timeout``,
     or whatever ``end`` was given (``shutdown``).  An OSError's text is kept in ``error``.
-    Sockets stay open; their watchers are stopped before ``on_end`` runs.
+    Sockets stay open; their watchers are closed before ``on_end`` runs.
     """
 
     __slots__ = ("loop", "buffer", "upstream", "downstream", "active_at", "outcome", "error",

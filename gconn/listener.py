@@ -16,6 +16,7 @@ rather than being accepted only to find no descriptor left for their destination
 The listening socket is made by sockets.listen (or inherited) and closed here.
 """
 
+import _socket
 import logging
 import os
 import socket
@@ -63,27 +64,38 @@ class Acceptor(StreamServer):
         super().__init__(listener, handle, spawn=None)  # handle runs in the hub: no greenlet
         self.max_accept = ACCEPT_BATCH
         self.route = route
+        self.raw_listener = getattr(listener, "_sock", listener)  # the OS socket under gevent's
         self.backoff = 0.0  # current pause; 0 while accepting normally
         self.pause_timer = None
 
     def do_read(self):
-        """Accept one client; on resource exhaustion pause accepting and return nothing."""
+        """Accept one client as a plain non-blocking OS socket (gevent's wrapper and its
+        watchers would cost more than forwarding a short connection; the pump makes its own);
+        on resource exhaustion pause accepting and return nothing."""
         route = self.route
         if len(route.registry) + len(route.admission.waiting) >= route.descriptor_capacity:
             self.pause("descriptor capacity reached")
             return None
         try:
-            result = super().do_read()
+            fd, address = self.raw_listener._accept()
+        except BlockingIOError:
+            return None
         except OSError as error:
             if error.errno not in RESOURCE_ERRORS:
                 raise
             self.pause(error.strerror)
             return None
+        client = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+        client.setblocking(False)
         if self.backoff:
             LOGGER.warning("route=%s accepting again after running out of descriptors",
                            self.route.name)
             self.backoff = 0.0
-        return result
+        return client, address
+
+    def do_handle(self, client, address):
+        """The handler owns the client from here (it runs in the hub: no greenlet)."""
+        self._handle(client, address)
 
     def pause(self, reason):
         """Stop accepting for the current backoff, doubling it up to BACKOFF_MAX."""
@@ -98,9 +110,6 @@ class Acceptor(StreamServer):
         self.pause_timer = self.loop.timer(self.backoff)
         self.pause_timer.start(self._start_accepting_if_started)
 
-    def do_close(self, *args):
-        """StreamServer closes the client when the handler returns: here the session owns it."""
-
     def close(self):
         if self.pause_timer is not None:
             self.pause_timer.close()
@@ -111,7 +120,7 @@ class Acceptor(StreamServer):
 def client_gone(client):
     """Whether a waiting client has already closed (or reset) its connection."""
     try:
-        return client._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except (BlockingIOError, InterruptedError):
         return False
     except OSError:
@@ -168,7 +177,7 @@ class RouteServer:
         message = self.config.shed_message
         if message:
             try:
-                client._sock.send(message)  # best effort, never waits: the client is leaving
+                client.send(message)  # best effort, never waits: the client is leaving
             except OSError:
                 pass
         client.close()

@@ -4,11 +4,14 @@ The supervisor calls ``setup`` before it forks: it points prometheus-client at a
 directory (PROMETHEUS_MULTIPROC_DIR must be set before the library is imported), so each worker
 writes its own files and the admin endpoint sums them (``render``).  A dead worker's gauges
 are dropped (``forget``); its counters stay, so totals survive a restart without double
-counting.  Nothing here runs per chunk: counters move once per connection (at its end) and
-state gauges once per heartbeat.  Until ``setup`` runs (tests, gconn-echo) every call is a
-no-op.
+counting.  Nothing here runs per chunk, and nothing touches prometheus-client per connection:
+a connection adds to plain ints, which ``flush`` publishes once per heartbeat, when the admin
+endpoint is scraped (it asks every worker to flush first) and when the worker exits; a worker
+killed with SIGKILL loses at most its last second of counts.  Until ``setup`` runs (tests,
+gconn-echo) every call is a no-op.
 """
 
+import bisect
 import os
 import shutil
 import tempfile
@@ -16,6 +19,8 @@ import tempfile
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, float("inf"))  # connect and session
 _metrics = None  # the namespace of metric objects once set up
+_pending = {}  # (counter attribute, labels) -> amount counted since the last flush
+_observed = {}  # (histogram attribute, route) -> [sum, count per bucket] since the last flush
 
 
 class _Metrics:
@@ -106,41 +111,75 @@ def forget(pid):
         multiprocess.mark_process_dead(pid)
 
 
-def accepted(route):
+def _add(name, labels, amount=1):
+    """Count ``amount`` on counter ``name`` with ``labels``: a plain int until ``flush``."""
     if _metrics is not None:
-        _metrics.accepted.labels(route).inc()
+        key = (name, labels)
+        _pending[key] = _pending.get(key, 0) + amount
+
+
+def _observe(name, route, seconds):
+    """Observe ``seconds`` on histogram ``name`` of ``route``: plain ints until ``flush``."""
+    key = (name, route)
+    counts = _observed.get(key)
+    if counts is None:
+        counts = _observed[key] = [0.0] + [0] * len(SECONDS_BUCKETS)  # sum, then buckets
+    counts[0] += seconds
+    counts[bisect.bisect_left(SECONDS_BUCKETS, seconds) + 1] += 1  # prometheus: value <= bound
+
+
+def flush():
+    """Publish what was counted since the last flush (heartbeat, scrape, exit): each
+    prometheus update takes a lock, checks the pid and writes the mmap file, far too much per
+    connection, so the data path adds to plain ints and this moves them once."""
+    if _metrics is None:
+        return
+    pending, observed = dict(_pending), dict(_observed)
+    _pending.clear()
+    _observed.clear()
+    for (name, labels), amount in pending.items():
+        getattr(_metrics, name).labels(*labels).inc(amount)
+    for (name, route), counts in observed.items():
+        # Histogram.observe one value at a time is ``_sum.inc`` plus one bucket's ``inc``
+        # (multiprocess buckets are stored per bucket and summed when rendered)
+        child = getattr(_metrics, name).labels(route)
+        child._sum.inc(counts[0])
+        for bucket, count in zip(child._buckets, counts[1:], strict=True):
+            if count:
+                bucket.inc(count)
+
+
+def accepted(route):
+    _add("accepted", (route,))
 
 
 def admitted(route):
-    if _metrics is not None:
-        _metrics.admitted.labels(route).inc()
+    _add("admitted", (route,))
 
 
 def shed(route, reason):
-    if _metrics is not None:
-        _metrics.shed.labels(route, reason).inc()
+    _add("shed", (route, reason))
 
 
 def connect_failed(route, destination):
-    if _metrics is not None:
-        _metrics.connect_errors.labels(route, destination).inc()
+    _add("connect_errors", (route, destination))
 
 
 def connected(route, destination, seconds):
     if _metrics is not None:
-        _metrics.destination_connections.labels(route, destination).inc()
-        _metrics.connect_seconds.labels(route).observe(seconds)
+        _add("destination_connections", (route, destination))
+        _observe("connect_seconds", route, seconds)
 
 
 def session_ended(route, destination, end, seconds, bytes_up, bytes_down):
     """Everything a finished session adds, in one place (once per connection)."""
     if _metrics is None:
         return
-    _metrics.ended.labels(route, end).inc()
-    _metrics.session_seconds.labels(route).observe(seconds)
+    _add("ended", (route, end))
+    _observe("session_seconds", route, seconds)
     if destination is not None:
-        _metrics.forwarded.labels(route, destination, "up").inc(bytes_up)
-        _metrics.forwarded.labels(route, destination, "down").inc(bytes_down)
+        _add("forwarded", (route, destination, "up"), bytes_up)
+        _add("forwarded", (route, destination, "down"), bytes_down)
 
 
 def prime(routes):

@@ -3,9 +3,11 @@
 Every function that opens a socket either returns it to the caller, who then owns and closes it,
 or closes it itself before raising.  Errors leave here sorted by whose fault they are: the
 environment at start-up (StartupError), the destination (DestinationUnavailable / Timeout).
-Called after gevent's monkey-patching, so every socket here is cooperative.
+Called after gevent's monkey-patching: listeners are gevent sockets (StreamServer's), while
+forwarded connections are plain non-blocking OS sockets driven by the pump's watchers.
 """
 
+import _socket
 import errno
 import functools
 import ipaddress
@@ -13,6 +15,10 @@ import os
 import resource
 import socket
 import stat
+import time
+
+from gevent.hub import get_hub
+from greenlet import getcurrent
 
 from .errors import DestinationTimeout, DestinationUnavailable, ResourceExhausted, StartupError
 
@@ -88,37 +94,84 @@ def _describe_bind_error(address, error):
 
 
 def connect(address, timeout):
-    """A connected socket to ``address`` within ``timeout`` seconds, owned by the caller.
+    """A connected, non-blocking OS socket to ``address`` within ``timeout`` seconds, owned by
+    the caller; waits cooperatively (call it from a greenlet, never the hub).
 
-    Names are resolved through gevent's resolver; an IP literal is not resolved at all (the
-    resolver's thread-pool hop was a large share of a new connection's cost).  Raises
-    DestinationTimeout when no answer came in time, DestinationUnavailable when it was refused,
-    reset or not resolvable.
+    The socket is a plain ``_socket.socket`` (what the pump and the session use), not gevent's
+    wrapper: creating and closing the wrapper, its two watchers and its timeout machinery was
+    the largest share of a new connection's cost.  Names are resolved through gevent's
+    resolver and each address tried in turn within ``timeout``; an IP literal is not resolved
+    at all.  Raises DestinationTimeout when no answer came in time, DestinationUnavailable
+    when it was refused, reset or not resolvable, ResourceExhausted when this process is out
+    of descriptors or ports.
     """
     family = _LITERAL_FAMILIES.get(address.family) or _literal_family(address.host)
     if family is not None:
         target = address.path if family == socket.AF_UNIX else (address.host, address.port)
+        return _connect_to(family, target, address, timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    except OSError as error:
+        raise _destination_error(address, error) from None
+    failure = DestinationUnavailable(f"{address}: no address")
+    for family, _, _, _, target in infos:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DestinationTimeout(f"{address}: connect timed out")
         try:
-            connection = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as error:
-            raise _destination_error(address, error) from None
-        try:
-            connection.settimeout(timeout)
-            connection.connect(target)
-        except BaseException as error:
-            connection.close()
-            raise _destination_error(address, error) from None
+            return _connect_to(family, target, address, left)
+        except DestinationUnavailable as error:  # a timeout too: try the next address
+            failure = error
+    raise failure
+
+
+def _connect_to(family, target, address, timeout):
+    """Connect a new non-blocking socket of ``family`` to ``target`` (one resolved address)."""
+    try:
+        connection = _socket.socket(family, _NONBLOCKING_STREAM)
+    except OSError as error:
+        raise _destination_error(address, error) from None
+    try:
+        if not _NONBLOCKING_STREAM & _SOCK_NONBLOCK:
+            connection.setblocking(False)
+        code = connection.connect_ex(target)
+        if code == errno.EINPROGRESS:  # (a unix socket's full backlog is EAGAIN: a failure)
+            if not wait_writable(connection.fileno(), timeout):
+                raise DestinationTimeout(f"{address}: connect timed out")
+            code = connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            raise _destination_error(address, OSError(code, os.strerror(code)))
         if family != socket.AF_UNIX:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return connection
-    try:
-        connection = socket.create_connection((address.host, address.port), timeout=timeout)
-    except Exception as error:
-        raise _destination_error(address, error) from None
-    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        connection.close()
+        raise
     return connection
 
 
+def wait_writable(fileno, timeout):
+    """Wait in this greenlet until ``fileno`` is writable (True) or ``timeout`` passed (False).
+
+    One io watcher and one timer switch straight back into the waiting greenlet: what gevent's
+    socket.connect does with a Timeout, minus the exception machinery.  A kill (GreenletExit)
+    while waiting is raised here, after both watchers are closed.
+    """
+    hub = get_hub()
+    watcher = hub.loop.io(fileno, 2)
+    timer = hub.loop.timer(timeout)
+    try:
+        switch = getcurrent().switch
+        watcher.start(switch, True)
+        timer.start(switch, False)
+        return hub.switch()
+    finally:
+        watcher.close()
+        timer.close()
+
+
+_SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | _SOCK_NONBLOCK | getattr(socket, "SOCK_CLOEXEC", 0)
 _LITERAL_FAMILIES = {"unix": socket.AF_UNIX}
 
 
