@@ -33,7 +33,7 @@ def route_state(route, now):
     """What the admin needs to know about one route in this worker."""
     admission = route.admission
     with route.destinations.lock.reading():
-        destinations = [{"address": str(d.address), "backup": d.backup, "healthy": d.healthy,
+        destinations = [{"address": d.name, "backup": d.backup, "healthy": d.healthy,
                          "available": d.available(now), "active": d.active,
                          "connected_total": d.connected_total, "failed_total": d.failed_total,
                          "last_error": d.last_error}
@@ -90,7 +90,7 @@ class ControlServer:
                 connection["worker"] = pid
             return connections
         if command == "flush":
-            metrics.flush()
+            metrics.flush(self.worker.routes)
             return {"pid": pid}
         if command == "state":
             now = time.monotonic()

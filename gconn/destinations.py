@@ -12,11 +12,12 @@ from .strategies import STRATEGIES
 class Destination:
     """One destination of one route, with the counters a strategy and the admin need."""
 
-    __slots__ = ("address", "backup", "healthy", "failed_until", "active", "last_error",
-                 "connected_total", "failed_total", "check_streak")
+    __slots__ = ("address", "name", "backup", "healthy", "failed_until", "active", "last_error",
+                 "connected_total", "failed_total", "check_streak", "bytes_up", "bytes_down")
 
     def __init__(self, spec):
         self.address = spec.address
+        self.name = str(spec.address)  # for logs, metrics and the admin, formatted once
         self.backup = spec.backup
         self.healthy = True  # written by health checks; True until one says otherwise
         self.failed_until = 0.0  # monotonic time before which a failed destination is skipped
@@ -25,6 +26,8 @@ class Destination:
         self.connected_total = 0
         self.failed_total = 0
         self.check_streak = 0  # consecutive check results against the current state
+        self.bytes_up = 0  # forwarded to it by finished connections (metrics publish these)
+        self.bytes_down = 0  # forwarded from it by finished connections
 
     def __repr__(self):
         return f"<Destination {self.address} active={self.active} healthy={self.healthy}>"
@@ -45,9 +48,11 @@ class Destination:
         self.active += 1
         self.connected_total += 1
 
-    def disconnected(self):
-        """A forwarded connection to this destination ended."""
+    def disconnected(self, bytes_up, bytes_down):
+        """A forwarded connection to this destination ended, having moved these bytes."""
         self.active -= 1
+        self.bytes_up += bytes_up
+        self.bytes_down += bytes_down
 
     def check_result(self, ok, rise, fall):
         """Apply one active health check (HAProxy's rise/fall): a healthy destination goes

@@ -165,6 +165,9 @@ class Pump:
             self.timer.start(self.on_timer)
         self.upstream.reader.start(self.upstream.on_readable)
         self.downstream.reader.start(self.downstream.on_readable)
+        # the client's first bytes are usually waiting already (it sent them while we
+        # connected): move them now rather than after another trip through the event loop
+        self.upstream.on_readable()
 
     def on_timer(self):
         """Close when no byte moved for idle-timeout; else wait out the rest of it."""

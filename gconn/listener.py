@@ -139,6 +139,8 @@ class RouteServer:
         self.destinations = RouteDestinations(config.destinations, config.strategy)
         self.health = HealthChecks(self)
         self.accept_exhausted = 0  # accept attempts that found the process out of descriptors
+        self.accepted = 0  # clients accepted (metrics.flush publishes the plain counts)
+        self.ended = {}  # how sessions ended -> how many
         self.owns_address = listener is None  # an inherited unix listener is the supervisor's
         self.socket = listener or listen(config.bind, config.backlog, reuse_port=reuse_port)
         self.address = bound_address(self.socket, config.bind)
@@ -153,14 +155,18 @@ class RouteServer:
         """StreamServer's handler, in the hub: admit, queue or shed one accepted client."""
         try:
             now = time.monotonic()
-            metrics.accepted(self.name)
-            if self.blocker.blocked(client_host(address), now):
+            self.accepted += 1
+            host = client_host(address)
+            if self.blocker.blocked(host, now):
                 return self.shed(client, address, BLOCKED_HOST)
-            if not self.destinations.has_candidates(now):
+            # one strategy pass per client: a queued client takes a second when served, so
+            # its turn is counted twice (round-robin skips one place: harmless)
+            candidates = self.destinations.candidates(now)
+            if not candidates:
                 return self.shed(client, address, NO_DESTINATION)
             decision = self.admission.arrive((client, address), now)
             if decision == ADMIT:
-                Session(self, client, address).start()
+                Session(self, client, address, host).start(candidates)
             elif decision == QUEUE:
                 self.arm_queue_timer()
             else:
@@ -215,7 +221,8 @@ class RouteServer:
                 client.close()
                 self.log_unserved(address, "client_closed")
                 continue
-            Session(self, client, address).start()
+            Session(self, client, address, client_host(address)).start(
+                self.destinations.candidates(now))
         self.arm_queue_timer()
 
     def session_ended(self, session, end, duration):
@@ -231,6 +238,10 @@ class RouteServer:
         elif session.context.bytes_up:
             self.blocker.succeeded(session.host)
         self.admission.release()
+        if end.startswith("error"):
+            end = "error"  # the text is the access log's; a metric label must stay bounded
+        self.ended[end] = self.ended.get(end, 0) + 1
+        metrics.observe("session_seconds", self.name, duration)
         if self.admission.waiting:
             self.service_queue(now)
 

@@ -5,9 +5,10 @@ directory (PROMETHEUS_MULTIPROC_DIR must be set before the library is imported),
 writes its own files and the admin endpoint sums them (``render``).  A dead worker's gauges
 are dropped (``forget``); its counters stay, so totals survive a restart without double
 counting.  Nothing here runs per chunk, and nothing touches prometheus-client per connection:
-a connection adds to plain ints, which ``flush`` publishes once per heartbeat, when the admin
-endpoint is scraped (it asks every worker to flush first) and when the worker exits; a worker
-killed with SIGKILL loses at most its last second of counts.  Until ``setup`` runs (tests,
+a connection adds to plain ints (most of which the route and destination objects keep
+anyway), which ``flush`` publishes once per heartbeat, when the admin endpoint is scraped (it
+asks every worker to flush first) and when the worker exits; a worker killed with SIGKILL
+loses at most its last second of counts.  Until ``setup`` runs (tests,
 gconn-echo) every call is a no-op.
 """
 
@@ -20,6 +21,7 @@ SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, float("inf"))  # connect and session
 _metrics = None  # the namespace of metric objects once set up
 _pending = {}  # (counter attribute, labels) -> amount counted since the last flush
+_published = {}  # (counter attribute, labels) -> the data path's total when last published
 _observed = {}  # (histogram attribute, route) -> [sum, count per bucket] since the last flush
 
 
@@ -118,8 +120,9 @@ def _add(name, labels, amount=1):
         _pending[key] = _pending.get(key, 0) + amount
 
 
-def _observe(name, route, seconds):
-    """Observe ``seconds`` on histogram ``name`` of ``route``: plain ints until ``flush``."""
+def observe(name, route, seconds):
+    """Observe ``seconds`` on histogram ``name`` (``connect_seconds`` or ``session_seconds``)
+    of ``route``: plain ints until ``flush``."""
     key = (name, route)
     counts = _observed.get(key)
     if counts is None:
@@ -128,12 +131,37 @@ def _observe(name, route, seconds):
     counts[bisect.bisect_left(SECONDS_BUCKETS, seconds) + 1] += 1  # prometheus: value <= bound
 
 
-def flush():
-    """Publish what was counted since the last flush (heartbeat, scrape, exit): each
-    prometheus update takes a lock, checks the pid and writes the mmap file, far too much per
-    connection, so the data path adds to plain ints and this moves them once."""
+def _publish(name, labels, total):
+    """Move counter ``name`` up to ``total``, a plain int the data path keeps."""
+    key = (name, labels)
+    delta = total - _published.get(key, 0)
+    if delta:
+        getattr(_metrics, name).labels(*labels).inc(delta)
+        _published[key] = total
+
+
+def flush(routes):
+    """Publish what the data path counted since the last flush (heartbeat, scrape, exit).
+
+    Each prometheus update takes a lock, checks the pid and writes the mmap file, far too
+    much per connection, so connections only add to plain ints: the route's ``accepted`` and
+    ``ended``, its admission's ``admitted``, each destination's connected, failed and byte
+    totals, the histograms' bucket counts here; rare events (sheds) go through ``_add``.
+    """
     if _metrics is None:
         return
+    for route in routes:
+        name = route.name
+        _publish("accepted", (name,), route.accepted)
+        _publish("admitted", (name,), route.admission.admitted)
+        for end, count in route.ended.items():
+            _publish("ended", (name, end), count)
+        for destination in route.destinations.destinations:
+            address = destination.name
+            _publish("destination_connections", (name, address), destination.connected_total)
+            _publish("connect_errors", (name, address), destination.failed_total)
+            _publish("forwarded", (name, address, "up"), destination.bytes_up)
+            _publish("forwarded", (name, address, "down"), destination.bytes_down)
     pending, observed = dict(_pending), dict(_observed)
     _pending.clear()
     _observed.clear()
@@ -149,37 +177,8 @@ def flush():
                 bucket.inc(count)
 
 
-def accepted(route):
-    _add("accepted", (route,))
-
-
-def admitted(route):
-    _add("admitted", (route,))
-
-
 def shed(route, reason):
     _add("shed", (route, reason))
-
-
-def connect_failed(route, destination):
-    _add("connect_errors", (route, destination))
-
-
-def connected(route, destination, seconds):
-    if _metrics is not None:
-        _add("destination_connections", (route, destination))
-        _observe("connect_seconds", route, seconds)
-
-
-def session_ended(route, destination, end, seconds, bytes_up, bytes_down):
-    """Everything a finished session adds, in one place (once per connection)."""
-    if _metrics is None:
-        return
-    _add("ended", (route, end))
-    _observe("session_seconds", route, seconds)
-    if destination is not None:
-        _add("forwarded", (route, destination, "up"), bytes_up)
-        _add("forwarded", (route, destination, "down"), bytes_down)
 
 
 def prime(routes):
@@ -198,7 +197,7 @@ def prime(routes):
         _metrics.connect_seconds.labels(name)
         _metrics.session_seconds.labels(name)
         for destination in route.destinations.destinations:
-            address = str(destination.address)
+            address = destination.name
             _metrics.destination_connections.labels(name, address).inc(0)
             _metrics.connect_errors.labels(name, address).inc(0)
             for direction in ("up", "down"):
@@ -216,7 +215,7 @@ def publish_state(worker, routes, live, fds, fd_limit, rss, now):
         _metrics.limit.labels(name).set(route.admission.limit)
         _metrics.blocked_hosts.labels(name).set(route.blocker.blocked_hosts(now))
         for destination in route.destinations.destinations:
-            _metrics.destination_up.labels(name, str(destination.address)).set(
+            _metrics.destination_up.labels(name, destination.name).set(
                 1 if destination.healthy else 0)
     worker = str(worker)
     _metrics.worker_connections.labels(worker).set(live)

@@ -3,11 +3,13 @@
 A session is a greenlet while it connects (the blocking part: name resolution, connect with
 timeout, failover), then hands the two sockets to a Pump whose event-loop callbacks move the
 bytes, and its greenlet ends: an idle forwarded connection costs no parked greenlet stack
-(measured: about 7 KB each).  When the pump ends, ``finish`` runs in the hub: it closes both
-sockets exactly once, releases the admission slot, removes the session from the registry and
-writes the access-log line.  It never reads from the client before a destination is connected
-(the client's first bytes wait in the kernel).  What failed where is recorded in the connect
-greenlet's error state (local.py) and in the pump, and read by ``finish``.
+(measured: about 7 KB each).  A connect that completes without waiting (an IP literal on
+loopback, a unix socket) needs no greenlet at all: the accept callback starts the pump.
+When the pump ends, ``finish`` runs in the hub: it closes both sockets exactly once, releases
+the admission slot, removes the session from the registry and writes the access-log line.  It
+never reads from the client before a destination is connected (the client's first bytes wait
+in the kernel).  What failed where is recorded in the connect greenlet's error state
+(local.py) and in the pump, and read by ``finish``.
 """
 
 import logging
@@ -21,24 +23,28 @@ from . import local, metrics
 from .errors import DestinationUnavailable, NoHealthyDestination, ResourceExhausted
 from .forward import Pump
 from .log import log_access
-from .sockets import client_host, connect, peer_name
+from .sockets import begin_connect, complete_connect, connect, peer_name
 
 LOGGER = logging.getLogger("gconn.session")
 
 
-def connect_destination(route, now):
-    """Try the strategy's candidates in order; return (socket, destination) of the first that
-    connects.  The socket is owned by the caller.  Raises NoHealthyDestination when the strategy
-    offers none, DestinationUnavailable when every candidate failed."""
-    candidates = route.destinations.candidates(now)
+def connect_destination(route, candidates, attempt=None):
+    """Try ``candidates`` in order; return (socket, destination) of the first that connects.
+    ``attempt`` is a connect to the first candidate already begun (sockets.begin_connect).
+    The socket is owned by the caller.  Raises NoHealthyDestination when there is no
+    candidate, DestinationUnavailable when every candidate failed."""
     if not candidates:
         raise NoHealthyDestination(f"route {route.name}: no destination available")
     for destination in candidates:
         begun = time.monotonic()
         try:
-            connection = connect(destination.address, route.config.connect_timeout)
+            if attempt is not None:
+                attempt, begun_attempt = None, attempt
+                connection = complete_connect(begun_attempt, destination.address,
+                                              route.config.connect_timeout)
+            else:
+                connection = connect(destination.address, route.config.connect_timeout)
         except DestinationUnavailable as error:
-            metrics.connect_failed(route.name, str(destination.address))
             if route.config.check_interval > 0:  # quarantined until the checks see it rise
                 route.destinations.quarantine(destination, str(error))
                 LOGGER.warning("route=%s destination %s is down (quarantined)", route.name,
@@ -48,7 +54,7 @@ def connect_destination(route, now):
             LOGGER.warning("destination %s failed: %s", destination.address, error)
             continue
         destination.connect_succeeded()
-        metrics.connected(route.name, str(destination.address), time.monotonic() - begun)
+        metrics.observe("connect_seconds", route.name, time.monotonic() - begun)
         return connection, destination
     raise DestinationUnavailable(f"route {route.name}: every destination failed")
 
@@ -59,10 +65,10 @@ class Session:
     __slots__ = ("route", "client", "host", "context", "started", "greenlet", "upstream",
                  "destination", "pump", "ended")
 
-    def __init__(self, route, client, address):
+    def __init__(self, route, client, address, host):
         self.route = route
         self.client = client
-        self.host = client_host(address)
+        self.host = host  # client_host(address): what max-connect-errors counts
         self.context = local.ConnectionContext(route.registry.next_id(), route.name,
                                                peer_name(address))
         self.started = time.monotonic()
@@ -72,23 +78,39 @@ class Session:
         self.pump = None
         self.ended = False
 
-    def start(self):
-        """Register the (already admitted) session and start connecting in a greenlet."""
+    def start(self, candidates):
+        """Register the (already admitted) session and connect it to one of ``candidates``
+        (the strategy's order): at once, in the hub, when the first one's connect completes
+        without waiting (an IP literal on loopback or a unix socket), else in a greenlet that
+        waits, resolves names and fails over."""
         if self.client.family != socket.AF_UNIX:
             # Nagle on our sends to the client plus its delayed ACK costs ~40 ms per reply
             self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.route.registry.add(self)
-        metrics.admitted(self.route.name)
+        route = self.route
+        route.registry.add(self)
         self.context.phase = "connecting"
-        self.greenlet = gevent.spawn_raw(self.connect)
+        attempt = begin_connect(candidates[0].address) if candidates else None
+        if attempt is not None and attempt[1] == 0:
+            destination = candidates[0]
+            try:
+                upstream = complete_connect(attempt, destination.address, 0)
+            except (OSError, DestinationUnavailable):  # closed; the greenlet tries again
+                attempt = None
+            else:
+                destination.connect_succeeded()
+                metrics.observe("connect_seconds", route.name, 0.0)
+                return self.forward(upstream, destination)
+        self.greenlet = gevent.spawn_raw(self.connect, candidates, attempt)
 
-    def connect(self):
-        """The connecting greenlet: pick and connect a destination, then hand over to a pump."""
+    def connect(self, candidates, attempt):
+        """The connecting greenlet: connect a candidate, then hand over to a pump."""
         if self.ended:  # aborted before this greenlet first ran
+            if attempt is not None and attempt[0] is not None:
+                attempt[0].close()
             return
         local.set_current(self.context)
         try:
-            self.upstream, self.destination = connect_destination(self.route, self.started)
+            upstream, destination = connect_destination(self.route, candidates, attempt)
         except NoHealthyDestination as error:
             LOGGER.warning("%s", error)
             return self.finish("no_destination")
@@ -107,10 +129,16 @@ class Session:
             return self.finish(f"error: {error}")  # the text goes to the access log only
         finally:
             self.greenlet = None
-        self.context.destination = str(self.destination.address)
+        self.forward(upstream, destination)
+
+    def forward(self, upstream, destination):
+        """Connected: hand both sockets to a pump (its callbacks do the rest)."""
+        self.upstream = upstream
+        self.destination = destination
+        self.context.destination = destination.name
         self.context.phase = "forwarding"
         config = self.route.config
-        self.pump = Pump(self.client, self.upstream, config.buffer_size, self.finish)
+        self.pump = Pump(self.client, upstream, config.buffer_size, self.finish)
         self.pump.start(config.idle_timeout)
 
     def view(self):
@@ -146,7 +174,7 @@ class Session:
         try:
             if self.upstream is not None:
                 self.upstream.close()
-                self.destination.disconnected()
+                self.destination.disconnected(context.bytes_up, context.bytes_down)
             self.client.close()
         finally:
             self.route.registry.remove(self)
@@ -155,6 +183,3 @@ class Session:
                 self.route.session_ended(self, end, duration)  # the slot first, whatever fails
             finally:
                 log_access(context, end, duration)
-                metrics.session_ended(self.route.name, context.destination,
-                                      "error" if end.startswith("error") else end, duration,
-                                      context.bytes_up, context.bytes_down)

@@ -105,10 +105,9 @@ def connect(address, timeout):
     when it was refused, reset or not resolvable, ResourceExhausted when this process is out
     of descriptors or ports.
     """
-    family = _LITERAL_FAMILIES.get(address.family) or _literal_family(address.host)
-    if family is not None:
-        target = address.path if family == socket.AF_UNIX else (address.host, address.port)
-        return _connect_to(family, target, address, timeout)
+    attempt = begin_connect(address)
+    if attempt is not None:
+        return complete_connect(attempt, address, timeout)
     deadline = time.monotonic() + timeout
     try:
         infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
@@ -120,29 +119,57 @@ def connect(address, timeout):
         if left <= 0:
             raise DestinationTimeout(f"{address}: connect timed out")
         try:
-            return _connect_to(family, target, address, left)
+            return complete_connect(_start_connect(family, target), address, left)
         except DestinationUnavailable as error:  # a timeout too: try the next address
             failure = error
     raise failure
 
 
-def _connect_to(family, target, address, timeout):
-    """Connect a new non-blocking socket of ``family`` to ``target`` (one resolved address)."""
+def begin_connect(address):
+    """Start connecting to an IP-literal or unix ``address`` without waiting (safe in the
+    hub): an attempt for ``complete_connect``, or None when ``address`` is a name to resolve.
+    An attempt whose code is 0 is connected already: on loopback the handshake is over when
+    connect returns, and a connection that needs no wait needs no greenlet either."""
+    family = _LITERAL_FAMILIES.get(address.family) or _literal_family(address.host)
+    if family is None:
+        return None
+    target = address.path if family == socket.AF_UNIX else (address.host, address.port)
+    return _start_connect(family, target)
+
+
+def _start_connect(family, target):
+    """(socket or None, errno code): a new non-blocking socket's connect, begun."""
     try:
         connection = _socket.socket(family, _NONBLOCKING_STREAM)
     except OSError as error:
-        raise _destination_error(address, error) from None
+        return None, error.errno
+    if not _SOCK_NONBLOCK:
+        connection.setblocking(False)
+    code = connection.connect_ex(target)
+    if code == errno.EINPROGRESS:  # (a unix socket's full backlog is EAGAIN: a failure)
+        try:
+            connection.getpeername()
+            code = 0
+        except OSError:
+            pass
+    return connection, code
+
+
+def complete_connect(attempt, address, timeout):
+    """The connected socket of ``attempt`` (from ``begin_connect``), waiting in this greenlet
+    up to ``timeout`` seconds if it is still in progress; closed before any error is raised.
+    Never waits when the attempt's code is 0, so that case may run in the hub."""
+    connection, code = attempt
+    if connection is None:
+        raise _destination_error(address, OSError(code, os.strerror(code)))
     try:
-        if not _NONBLOCKING_STREAM & _SOCK_NONBLOCK:
-            connection.setblocking(False)
-        code = connection.connect_ex(target)
-        if code == errno.EINPROGRESS:  # (a unix socket's full backlog is EAGAIN: a failure)
+        if code == errno.EINPROGRESS:
             if not wait_writable(connection.fileno(), timeout):
                 raise DestinationTimeout(f"{address}: connect timed out")
             code = connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             raise _destination_error(address, OSError(code, os.strerror(code)))
-        if family != socket.AF_UNIX:
+        if connection.family != socket.AF_UNIX:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except BaseException:
         connection.close()

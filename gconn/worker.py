@@ -140,7 +140,7 @@ def publish_metrics(worker, index):
     """The worker's counts and state gauges (once per heartbeat, never on the data path)."""
     if not metrics.enabled():
         return
-    metrics.flush()
+    metrics.flush(worker.routes)
     fds, fd_limit, resident = process_usage()
     metrics.publish_state(index, worker.routes, len(worker.registry), fds, fd_limit, resident,
                           time.monotonic())
@@ -198,6 +198,6 @@ def worker_process(config, index, count, heartbeats, slot, generation, listeners
         return worker.run()
     finally:
         beating.kill()
-        metrics.flush()  # what the last sessions counted
+        metrics.flush(worker.routes)  # what the last sessions counted
         if control_server is not None:
             control_server.stop()
