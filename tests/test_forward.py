@@ -37,3 +37,23 @@ def test_200_concurrent_connections_random_sizes(start_echo, start_daemon):
     for data, (digest, received) in zip(payloads, results, strict=True):
         assert received == len(data)
         assert digest == hashlib.sha256(data).hexdigest()
+
+
+def test_named_and_unix_destinations_forward_verified_bytes(tmp_path, start_echo,
+                                                             start_daemon):
+    """A destination given by name goes through the resolver and a connecting greenlet; one
+    on a unix socket connects at once in the accept callback: both forward every byte, and
+    so does a route listening on a unix socket."""
+    echo = start_echo()
+    by_name = start_daemon("--bind", "127.0.0.1:0", "--destination", f"localhost:{echo.port}")
+    data = os.urandom(3 * 1024 * 1024)
+    expected = (hashlib.sha256(data).hexdigest(), len(data))
+    assert echo_roundtrip(by_name.port(), data) == expected
+    assert f"destination=localhost:{echo.port}" in by_name.wait_contains(" end=")
+    path = tmp_path / "gconn.sock"
+    unix_front = start_daemon("--bind", f"unix:{path}", "--destination", echo.address)
+    unix_front.wait_contains("listening route=")
+    through_unix = start_daemon("--bind", "127.0.0.1:0", "--destination", f"unix:{path}")
+    assert echo_roundtrip(through_unix.port(), data) == expected
+    assert f"destination=unix:{path}" in through_unix.wait_contains(" end=")
+    assert "end=client_closed" in unix_front.wait_contains(" end=")
