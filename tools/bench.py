@@ -40,6 +40,7 @@ FIGURES = (  # key, heading, unit
     ("rps_50", "req/s c=50", ""), ("p99_50_ms", "p99 c=50", "ms"),
     ("req_per_cpu_s", "req per proxy-CPU-s", ""),
     ("rps_1000", "req/s c=1000", ""), ("p99_1000_ms", "p99 c=1000", "ms"),
+    ("req_per_cpu_s_1000", "req per proxy-CPU-s c=1000", ""),
     ("conn_per_s", "new conn/s", ""), ("gbit_1", "1-stream Gbit/s", ""),
     ("gbit_8", "8-stream Gbit/s", ""), ("kb_per_idle", "KB/idle conn", ""),
     ("p99_idle_ratio", "p99 idle-held ratio", ""),
@@ -202,8 +203,12 @@ def measure(fleet, peer, backends, plan):
         cpu = cpu_seconds(process) - cpu_before
         figures.update(rps_50=rps, p99_50_ms=p99, p99_idle_ratio=p99_idle / p99,
                        req_per_cpu_s=plan["requests"] / cpu if process and cpu > 0 else None)
+        cpu_before = cpu_seconds(process)
         rps, _, p99 = redis_benchmark(port, 1000, plan["requests_1000"])
-        figures.update(rps_1000=rps, p99_1000_ms=p99)
+        cpu = cpu_seconds(process) - cpu_before
+        figures.update(rps_1000=rps, p99_1000_ms=p99,
+                       req_per_cpu_s_1000=plan["requests_1000"] / cpu
+                       if process and cpu > 0 else None)
         figures["conn_per_s"] = redis_benchmark(port, 50, plan["connections"],
                                                 keepalive=False)[0]
     finally:
@@ -282,8 +287,42 @@ def machine():
     return f"{os.cpu_count()} cores, {model}, Linux {os.uname().release}"
 
 
+LOWER_IS_BETTER = {"p99_50_ms", "p99_1000_ms", "kb_per_idle", "p99_idle_ratio"}
+PYTHON_PEERS = ("uvloop", "asyncio", "gevent")
+
+
+def ratios(report):
+    """gconn against HAProxy and against the best Python peer, figure by figure, from the
+    same run: (heading, ratio to HAProxy, best Python peer, ratio to it), a ratio above 1
+    meaning gconn did better (more per second, or less time or memory)."""
+    peers = report["peers"]
+    gconn = peers.get("gconn", {})
+    if not gconn.get("measured"):
+        return []
+
+    def ratio(key, other):
+        mine, theirs = gconn.get(key), other.get(key) if other.get("measured") else None
+        if not mine or not theirs:
+            return None
+        return theirs / mine if key in LOWER_IS_BETTER else mine / theirs
+
+    rows = []
+    for key, heading, _ in FIGURES:
+        if key == "p99_idle_ratio":
+            continue  # already a ratio: compared against its goal, not against peers
+        candidates = [(peer, ratio(key, peers[peer])) for peer in PYTHON_PEERS
+                      if peer in peers and ratio(key, peers[peer]) is not None]
+        best = min(candidates, key=lambda item: item[1]) if candidates else (None, None)
+        rows.append((heading, ratio(key, peers.get("haproxy", {})), *best))
+    return rows
+
+
+def format_ratio(value):
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def render(report):
-    """The results as a text table, then ratios to HAProxy where it was measured."""
+    """The results as a text table, then gconn's ratios to HAProxy and the Python peers."""
     headings = [heading for _, heading, _ in FIGURES]
     lines = ["| proxy | " + " | ".join(headings) + " |",
              "|---" * (len(headings) + 1) + "|"]
@@ -291,8 +330,15 @@ def render(report):
         if not row["measured"]:
             lines.append(f"| {peer} | not measured: {row['reason']} |")
             continue
-        cells = [format_figure(row[key]) for key, _, _ in FIGURES]
+        cells = [format_figure(row.get(key)) for key, _, _ in FIGURES]
         lines.append(f"| {peer} | " + " | ".join(cells) + " |")
+    rows = ratios(report)
+    if rows:
+        lines += ["", "gconn's ratios (above 1: gconn did better)", "",
+                  "| figure | vs HAProxy | vs best Python peer |", "|---|---|---|"]
+        lines += [f"| {heading} | {format_ratio(haproxy)} | "
+                  f"{format_ratio(best)} ({peer or '-'}) |"
+                  for heading, haproxy, peer, best in rows]
     return "\n".join(lines)
 
 
@@ -309,7 +355,16 @@ def rst_table(report):
         if not row["measured"]:
             lines += ["     - not measured"] + ["     -"] * (len(FIGURES) - 1)
             continue
-        lines += [f"     - {format_figure(row[key])}" for key, _, _ in FIGURES]
+        lines += [f"     - {format_figure(row.get(key))}" for key, _, _ in FIGURES]
+    rows = ratios(report)
+    if rows:
+        lines += ["", "gconn's ratios from the same runs (above 1: gconn did better; the "
+                  "Python peer is the one closest to gconn on that figure):", "",
+                  ".. list-table::", "   :header-rows: 1", "",
+                  "   * - figure", "     - vs HAProxy", "     - vs best Python peer"]
+        for heading, haproxy, peer, best in rows:
+            lines += [f"   * - {heading}", f"     - {format_ratio(haproxy)}",
+                      f"     - {format_ratio(best)} ({peer or '-'})"]
     return "\n".join(lines) + "\n"
 
 
