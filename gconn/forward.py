@@ -17,11 +17,54 @@ hub, when the connection is over, after closing its watchers.
 """
 
 import errno
+import os
 import socket
 
 from gevent.hub import get_hub
 
 _buffers = {}  # size in bytes -> memoryview over one bytearray shared by every pump in the process
+SPLICE = hasattr(os, "splice")  # Linux, Python 3.10+
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+PIPE_SIZE = 65536  # the kernel's default pipe capacity: the most one splice moves
+PIPES_MAX = 16  # pipes lent at once per process (two descriptors each, from the reserve)
+
+
+class _Pipes:
+    """The process's pipes for splicing, lent to a bulk flow while its bytes are in flight.
+
+    Descriptors are the scarce resource (two per connection already), so at most PIPES_MAX
+    pipes exist at once; a flow that finds none free simply copies.  An emptied pipe goes back
+    to the free list; one that still holds bytes when its connection ends is closed.
+    """
+
+    def __init__(self):
+        self.free = []
+        self.lent = 0
+        self.spliced = 0  # bytes moved by splice in this process (metrics publish it)
+
+    def borrow(self):
+        if self.free:
+            self.lent += 1
+            return self.free.pop()
+        if self.lent >= PIPES_MAX:
+            return None
+        try:
+            pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # out of descriptors: copying works without one
+            return None
+        self.lent += 1
+        return pipe
+
+    def give_back(self, pipe, empty):
+        self.lent -= 1
+        if empty:
+            self.free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+
+PIPES = _Pipes()
 
 
 def _shared_buffer(size):
@@ -36,7 +79,7 @@ class _Flow:
     """One direction: reads ``source``, writes ``target``, keeps at most one unsent chunk."""
 
     __slots__ = ("pump", "source", "target", "reader", "writer", "pending", "count", "ended",
-                 "from_client")
+                 "from_client", "pipe", "in_pipe")
 
     def __init__(self, pump, source, target, from_client):
         self.pump = pump
@@ -48,9 +91,13 @@ class _Flow:
         self.count = 0  # bytes read from the source (all delivered unless the peer failed)
         self.ended = False  # the source sent end-of-stream
         self.from_client = from_client
+        self.pipe = None  # (read fd, write fd) while splicing a bulk stream
+        self.in_pipe = 0  # bytes spliced in from the source, not yet out to the target
 
     def on_readable(self):
         """Read one chunk and send it on; keep what the target would not take."""
+        if self.pipe is not None:
+            return self.splice_in()
         buffer = self.pump.buffer
         try:
             received = self.source.recv_into(buffer)
@@ -75,13 +122,73 @@ class _Flow:
             return
         if sent < received:
             self.pending = bytes(buffer[sent:received])
+            self.wait_writable()
+        elif received == len(buffer) and self.pump.splice:  # a bulk stream: splice from now
+            self.pipe = PIPES.borrow()
+
+    def wait_writable(self):
+        """The target is full: stop reading the source until it takes what is kept."""
+        self.reader.stop()
+        if self.writer is None:
+            self.writer = self.pump.loop.io(self.target.fileno(), 2)
+        self.writer.start(self.on_writable)
+
+    def splice_in(self):
+        """Splice one chunk from the source into the pipe and on to the target."""
+        try:
+            received = os.splice(self.source.fileno(), self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self.pump.fail(self.from_client, error)
+            return
+        if not received:
             self.reader.stop()
-            if self.writer is None:
-                self.writer = self.pump.loop.io(self.target.fileno(), 2)
-            self.writer.start(self.on_writable)
+            self.ended = True
+            self.release_pipe()
+            self.finish()
+            return
+        self.count += received
+        PIPES.spliced += received
+        self.in_pipe = received
+        self.pump.active_at = self.pump.loop.now()
+        if self.splice_out() and received < PIPE_SIZE:
+            self.release_pipe()  # the burst is over: copy small chunks, lend the pipe out
+
+    def splice_out(self):
+        """Splice what the pipe holds to the target; True once it is empty."""
+        try:
+            self.in_pipe -= os.splice(self.pipe[0], self.target.fileno(), self.in_pipe,
+                                      flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as error:
+            self.pump.fail(not self.from_client, error)
+            return False
+        if self.in_pipe:
+            if self.reader.active or self.writer is None or not self.writer.active:
+                self.wait_writable()
+            return False
+        return True
+
+    def release_pipe(self):
+        """Give the pipe back (closed if bytes are still in it: the connection is ending)."""
+        if self.pipe is not None:
+            PIPES.give_back(self.pipe, empty=not self.in_pipe)
+            self.pipe = None
+            self.in_pipe = 0
 
     def on_writable(self):
         """Send the kept remainder; once all is taken, read the source again (or end)."""
+        if self.pipe is not None:
+            if self.splice_out():
+                self.pump.active_at = self.pump.loop.now()
+                self.writer.stop()
+                if self.ended:
+                    self.finish()
+                else:
+                    self.reader.start(self.on_readable)
+            return
         try:
             sent = self.target.send(self.pending)
         except (BlockingIOError, InterruptedError):
@@ -120,6 +227,7 @@ class _Flow:
         self.reader.close()
         if self.writer is not None:
             self.writer.close()
+        self.release_pipe()
 
 
 class Pump:
@@ -132,11 +240,12 @@ class Pump:
     """
 
     __slots__ = ("loop", "buffer", "upstream", "downstream", "active_at", "outcome", "error",
-                 "on_end", "finished", "timer", "idle_timeout")
+                 "on_end", "finished", "timer", "idle_timeout", "splice")
 
-    def __init__(self, client, destination, buffer_size, on_end):
+    def __init__(self, client, destination, buffer_size, on_end, splice=True):
         self.loop = get_hub().loop
         self.buffer = _shared_buffer(buffer_size)
+        self.splice = splice and SPLICE
         self.upstream = _Flow(self, client, destination, from_client=True)
         self.downstream = _Flow(self, destination, client, from_client=False)
         self.active_at = self.loop.now()

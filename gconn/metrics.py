@@ -43,6 +43,8 @@ class _Metrics:
         self.forwarded = counter("gconn_forwarded_bytes_total",
                                  "Bytes forwarded; up is client to destination",
                                  ["route", "destination", "direction"])
+        self.spliced = counter("gconn_spliced_bytes_total",
+                               "Bytes forwarded by splice, never copied into the process")
         self.destination_connections = counter(
             "gconn_destination_connections_total", "Connections made to a destination",
             destination)
@@ -136,7 +138,8 @@ def _publish(name, labels, total):
     key = (name, labels)
     delta = total - _published.get(key, 0)
     if delta:
-        getattr(_metrics, name).labels(*labels).inc(delta)
+        metric = getattr(_metrics, name)
+        (metric.labels(*labels) if labels else metric).inc(delta)
         _published[key] = total
 
 
@@ -150,6 +153,8 @@ def flush(routes):
     """
     if _metrics is None:
         return
+    from .forward import PIPES
+    _publish("spliced", (), PIPES.spliced)
     for route in routes:
         name = route.name
         _publish("accepted", (name,), route.accepted)

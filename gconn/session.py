@@ -138,7 +138,7 @@ class Session:
         self.context.destination = destination.name
         self.context.phase = "forwarding"
         config = self.route.config
-        self.pump = Pump(self.client, upstream, config.buffer_size, self.finish)
+        self.pump = Pump(self.client, upstream, config.buffer_size, self.finish, config.splice)
         self.pump.start(config.idle_timeout)
 
     def view(self):

@@ -323,6 +323,9 @@ SETTINGS = (
             "no byte either way for this long closes both sides; 0 turns it off"),
     Setting("buffer-size", ROUTE, size_between(1024, 16 * MIB, "1k to 16m"), "64k",
             "bytes read from one side at a time; also the most held for a slow reader"),
+    Setting("splice", ROUTE, parse_boolean, "yes",
+            "bulk streams (a read that fills the buffer) move through a pipe with os.splice, "
+            "never copied into Python (Linux; like HAProxy's splice-auto)"),
 )
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}

@@ -7,17 +7,27 @@ import random
 
 import pytest
 from conftest import echo_roundtrip
+from test_admin import scrape
 
 
 @pytest.mark.timeout(180)
-def test_100_megabytes_each_way_hash_equal(start_echo, start_daemon):
-    """100 MB of random bytes go through one connection and come back with the same SHA-256."""
+@pytest.mark.parametrize("splice", ["yes", "no"])
+def test_100_megabytes_each_way_hash_equal(splice, start_echo, start_daemon):
+    """100 MB of random bytes go through one connection and come back with the same SHA-256,
+    spliced through a pipe (a bulk stream) and copied."""
     echo = start_echo()
-    daemon = start_daemon("--bind", "127.0.0.1:0", "--destination", echo.address)
+    daemon = start_daemon("--bind", "127.0.0.1:0", "--destination", echo.address,
+                          "--splice", splice)
     data = os.urandom(100 * 1024 * 1024)
     digest, received = echo_roundtrip(daemon.port(), data, timeout=150)
     assert received == len(data)
     assert digest == hashlib.sha256(data).hexdigest()
+    daemon.wait_contains(" end=")
+    spliced = scrape(daemon)[("gconn_spliced_bytes_total", frozenset())]
+    if splice == "yes":  # a bulk stream: most of its 200 MB moved through the pipes
+        assert spliced > len(data), spliced
+    else:
+        assert spliced == 0
 
 
 @pytest.mark.timeout(180)

@@ -102,10 +102,12 @@ def start_peer(fleet, peer, target, tag):
     elif peer == "haproxy":
         path = os.path.join(scratch, f"{name}.cfg")
         # maxconn 9900: HAProxy refuses to start when maxconn needs more descriptors (two per
-        # connection) than this box's 20,000 limit
+        # connection) than this box's 20,000 limit; splice-auto with 64 pipes (gconn splices
+        # bulk streams too, through at most 16 pipes per worker)
         with open(path, "w") as stream:
-            stream.write(f"global\n  maxconn 9900\n  nbthread 1\ndefaults\n  mode tcp\n"
-                         f"  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
+            stream.write(f"global\n  maxconn 9900\n  maxpipes 64\n  nbthread 1\n"
+                         f"defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n"
+                         f"  timeout client 1h\n  timeout server 1h\n"
                          f"listen bench\n  bind 127.0.0.1:{port}\n"
                          f"  server backend 127.0.0.1:{target}\n")
         process = fleet.start(name, pinned(PROXY_CPU, ["haproxy", "-db", "-f", path]))
