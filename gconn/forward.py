@@ -14,6 +14,11 @@ closes sockets: the session owns them.  The sockets are plain non-blocking OS so
 new connection more than the forwarding does); the pump owns one read watcher per socket and
 makes a write watcher only when a receiver is slow.  It calls ``on_end(outcome)`` once, from the
 hub, when the connection is over, after closing its watchers.
+
+Bulk streams are spliced (HAProxy's splice-auto): once a read fills the whole buffer, that
+direction moves its next chunks socket -> pipe -> socket with os.splice, never copying them
+into Python, borrowing one of a few per-process pipes only while those bytes are in flight; a
+read shorter than a pipe's capacity returns it to copying.
 """
 
 import errno
@@ -30,11 +35,13 @@ PIPES_MAX = 16  # pipes lent at once per process (two descriptors each, from the
 
 
 class _Pipes:
-    """The process's pipes for splicing, lent to a bulk flow while its bytes are in flight.
+    """The process's pipes for splicing, lent to a bulk flow only while its bytes are in
+    flight (from the splice in until the splice out has emptied the pipe).
 
     Descriptors are the scarce resource (two per connection already), so at most PIPES_MAX
-    pipes exist at once; a flow that finds none free simply copies.  An emptied pipe goes back
-    to the free list; one that still holds bytes when its connection ends is closed.
+    pipes exist at once; a flow that finds none free copies that chunk instead.  An emptied
+    pipe goes back to the free list; one that still holds bytes when its connection ends is
+    closed.
     """
 
     def __init__(self):
@@ -79,7 +86,7 @@ class _Flow:
     """One direction: reads ``source``, writes ``target``, keeps at most one unsent chunk."""
 
     __slots__ = ("pump", "source", "target", "reader", "writer", "pending", "count", "ended",
-                 "from_client", "pipe", "in_pipe")
+                 "from_client", "bulk", "pipe", "in_pipe")
 
     def __init__(self, pump, source, target, from_client):
         self.pump = pump
@@ -91,13 +98,16 @@ class _Flow:
         self.count = 0  # bytes read from the source (all delivered unless the peer failed)
         self.ended = False  # the source sent end-of-stream
         self.from_client = from_client
-        self.pipe = None  # (read fd, write fd) while splicing a bulk stream
+        self.bulk = False  # the last read filled the buffer: splice while that lasts
+        self.pipe = None  # (read fd, write fd) while spliced bytes are in flight
         self.in_pipe = 0  # bytes spliced in from the source, not yet out to the target
 
     def on_readable(self):
         """Read one chunk and send it on; keep what the target would not take."""
-        if self.pipe is not None:
-            return self.splice_in()
+        if self.bulk:
+            self.pipe = PIPES.borrow()
+            if self.pipe is not None:  # else (every pipe lent) copy this chunk
+                return self.splice_in()
         buffer = self.pump.buffer
         try:
             received = self.source.recv_into(buffer)
@@ -124,7 +134,7 @@ class _Flow:
             self.pending = bytes(buffer[sent:received])
             self.wait_writable()
         elif received == len(buffer) and self.pump.splice:  # a bulk stream: splice from now
-            self.pipe = PIPES.borrow()
+            self.bulk = True
 
     def wait_writable(self):
         """The target is full: stop reading the source until it takes what is kept."""
@@ -138,22 +148,25 @@ class _Flow:
         try:
             received = os.splice(self.source.fileno(), self.pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
+            self.release_pipe()
             return
         except OSError as error:
             self.pump.fail(self.from_client, error)
             return
         if not received:
+            self.release_pipe()
             self.reader.stop()
             self.ended = True
-            self.release_pipe()
             self.finish()
             return
         self.count += received
         PIPES.spliced += received
         self.in_pipe = received
         self.pump.active_at = self.pump.loop.now()
-        if self.splice_out() and received < PIPE_SIZE:
-            self.release_pipe()  # the burst is over: copy small chunks, lend the pipe out
+        if received < PIPE_SIZE:
+            self.bulk = False  # the burst is over: copy small chunks again
+        if self.splice_out():
+            self.release_pipe()  # lent only while bytes are in flight
 
     def splice_out(self):
         """Splice what the pipe holds to the target; True once it is empty."""
@@ -182,6 +195,7 @@ class _Flow:
         """Send the kept remainder; once all is taken, read the source again (or end)."""
         if self.pipe is not None:
             if self.splice_out():
+                self.release_pipe()
                 self.pump.active_at = self.pump.loop.now()
                 self.writer.stop()
                 if self.ended:
