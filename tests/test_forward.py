@@ -4,6 +4,9 @@ import concurrent.futures
 import hashlib
 import os
 import random
+import select
+import socket
+import threading
 
 import pytest
 from conftest import echo_roundtrip
@@ -67,3 +70,50 @@ def test_named_and_unix_destinations_forward_verified_bytes(tmp_path, start_echo
     assert echo_roundtrip(through_unix.port(), data) == expected
     assert f"destination=unix:{path}" in through_unix.wait_contains(" end=")
     assert "end=client_closed" in unix_front.wait_contains(" end=")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("splice", ["yes", "no"])
+def test_a_destination_that_stops_reading_holds_the_client_back(splice, start_daemon):
+    """Backpressure: while the destination reads nothing, the client can only fill the socket
+    buffers on the way (gconn keeps at most a chunk, or a pipe's worth, per direction); once it
+    reads again, every byte arrives in order."""
+    import psutil
+    listener = socket.create_server(("127.0.0.1", 0))
+    daemon = start_daemon("--bind", "127.0.0.1:0", "--splice", splice, "--destination",
+                          f"127.0.0.1:{listener.getsockname()[1]}")
+    workers = psutil.Process(daemon.popen.pid).children()
+    rss_before = sum(worker.memory_info().rss for worker in workers)
+    client = socket.create_connection(("127.0.0.1", daemon.port()))
+    destination, _ = listener.accept()
+    data = os.urandom(96 * 1024 * 1024)
+    client.setblocking(False)
+    sent = 0
+    while sent < len(data):  # until the client cannot send for a whole second
+        try:
+            sent += client.send(memoryview(data)[sent:sent + 1024 * 1024])
+        except BlockingIOError:
+            if not select.select([], [client], [], 1.0)[1]:
+                break
+    assert 0 < sent < 48 * 1024 * 1024, sent  # held back by the kernel buffers, not gconn
+    grown = sum(worker.memory_info().rss for worker in workers) - rss_before
+    assert grown < 8 * 1024 * 1024, grown
+    received = hashlib.sha256()
+    count = 0
+
+    def drain():
+        nonlocal count
+        while chunk := destination.recv(1024 * 1024):
+            received.update(chunk)
+            count += len(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    client.setblocking(True)
+    client.sendall(memoryview(data)[sent:])
+    client.shutdown(socket.SHUT_WR)
+    reader.join(timeout=60)
+    assert count == len(data) and received.hexdigest() == hashlib.sha256(data).hexdigest()
+    client.close()
+    destination.close()
+    listener.close()
