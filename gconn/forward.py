@@ -325,9 +325,12 @@ class Pump:
             on_end(outcome)
 
     def stop(self):
-        """Stop every watcher; safe to call more than once."""
+        """Stop every watcher and let go of the flows' links back here (so that reference
+        counting, not the cyclic collector, frees a finished connection: garbage left for the
+        collector survived into the next wave of connections); safe to call more than once."""
         self.upstream.stop()
         self.downstream.stop()
+        self.upstream.pump = self.downstream.pump = None
         if self.timer is not None:
             self.timer.stop()
             self.timer.close()

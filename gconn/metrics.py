@@ -137,7 +137,7 @@ def _publish(name, labels, total):
     """Move counter ``name`` up to ``total``, a plain int the data path keeps."""
     key = (name, labels)
     delta = total - _published.get(key, 0)
-    if delta:
+    if delta > 0:
         metric = getattr(_metrics, name)
         (metric.labels(*labels) if labels else metric).inc(delta)
         _published[key] = total
@@ -154,19 +154,25 @@ def flush(routes):
     if _metrics is None:
         return
     from .forward import PIPES
-    _publish("spliced", (), PIPES.spliced)
+    totals = {("spliced", ()): PIPES.spliced}
+
+    def total(name, labels, value):  # a route may list one address twice (weighting)
+        totals[(name, labels)] = totals.get((name, labels), 0) + value
+
     for route in routes:
         name = route.name
-        _publish("accepted", (name,), route.accepted)
-        _publish("admitted", (name,), route.admission.admitted)
+        total("accepted", (name,), route.accepted)
+        total("admitted", (name,), route.admission.admitted)
         for end, count in route.ended.items():
-            _publish("ended", (name, end), count)
+            total("ended", (name, end), count)
         for destination in route.destinations.destinations:
             address = destination.name
-            _publish("destination_connections", (name, address), destination.connected_total)
-            _publish("connect_errors", (name, address), destination.failed_total)
-            _publish("forwarded", (name, address, "up"), destination.bytes_up)
-            _publish("forwarded", (name, address, "down"), destination.bytes_down)
+            total("destination_connections", (name, address), destination.connected_total)
+            total("connect_errors", (name, address), destination.failed_total)
+            total("forwarded", (name, address, "up"), destination.bytes_up)
+            total("forwarded", (name, address, "down"), destination.bytes_down)
+    for (name, labels), value in totals.items():
+        _publish(name, labels, value)
     pending, observed = dict(_pending), dict(_observed)
     _pending.clear()
     _observed.clear()

@@ -89,7 +89,11 @@ class Session:
         route = self.route
         route.registry.add(self)
         self.context.phase = "connecting"
-        attempt = begin_connect(candidates[0].address) if candidates else None
+        try:
+            attempt = begin_connect(candidates[0].address) if candidates else None
+        except Exception as error:  # a bug or an unforeseen OS error: this session only
+            LOGGER.exception("session failed while connecting", extra={"conn": self.context.id})
+            return self.finish(f"error: {error}")
         if attempt is not None and attempt[1] == 0:
             destination = candidates[0]
             try:

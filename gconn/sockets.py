@@ -17,6 +17,7 @@ import socket
 import stat
 import time
 
+import gevent
 from gevent.hub import get_hub
 from greenlet import getcurrent
 
@@ -108,18 +109,14 @@ def connect(address, timeout):
     attempt = begin_connect(address)
     if attempt is not None:
         return complete_connect(attempt, address, timeout)
-    deadline = time.monotonic() + timeout
     try:
         infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
     except OSError as error:
         raise _destination_error(address, error) from None
     failure = DestinationUnavailable(f"{address}: no address")
-    for family, _, _, _, target in infos:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DestinationTimeout(f"{address}: connect timed out")
-        try:
-            return complete_connect(_start_connect(family, target), address, left)
+    for family, _, _, _, target in infos:  # each address gets the whole timeout (as
+        try:  # socket.create_connection): a blackholed AAAA record must not hide the A one
+            return complete_connect(_start_connect(family, target), address, timeout)
         except DestinationUnavailable as error:  # a timeout too: try the next address
             failure = error
     raise failure
@@ -138,35 +135,55 @@ def begin_connect(address):
 
 
 def _start_connect(family, target):
-    """(socket or None, errno code): a new non-blocking socket's connect, begun."""
+    """(socket or None, errno code, target): a new non-blocking socket's connect, begun."""
     try:
         connection = _socket.socket(family, _NONBLOCKING_STREAM)
     except OSError as error:
-        return None, error.errno
-    if not _SOCK_NONBLOCK:
-        connection.setblocking(False)
-    code = connection.connect_ex(target)
-    if code == errno.EINPROGRESS:  # (a unix socket's full backlog is EAGAIN: a failure)
-        try:
-            connection.getpeername()
-            code = 0
-        except OSError:
-            pass
-    return connection, code
+        return None, error.errno, target
+    try:
+        if not _SOCK_NONBLOCK:
+            connection.setblocking(False)
+        code = connection.connect_ex(target)
+    except (OSError, ValueError) as error:  # an address the OS refuses outright (too long)
+        connection.close()
+        return None, getattr(error, "errno", None) or errno.EINVAL, target
+    if code == errno.EINPROGRESS and _connected(connection):
+        code = 0
+    return connection, code, target
+
+
+def _connected(connection):
+    """Whether a connect in progress has completed (getpeername answers only then)."""
+    try:
+        connection.getpeername()
+        return True
+    except OSError:
+        return False
 
 
 def complete_connect(attempt, address, timeout):
     """The connected socket of ``attempt`` (from ``begin_connect``), waiting in this greenlet
     up to ``timeout`` seconds if it is still in progress; closed before any error is raised.
     Never waits when the attempt's code is 0, so that case may run in the hub."""
-    connection, code = attempt
+    connection, code, target = attempt
     if connection is None:
         raise _destination_error(address, OSError(code, os.strerror(code)))
     try:
-        if code == errno.EINPROGRESS:
-            if not wait_writable(connection.fileno(), timeout):
+        deadline = time.monotonic() + timeout
+        # a unix listener's full backlog answers EAGAIN: busy, not down; retry until the
+        # deadline (gevent's blocking connect did the same)
+        while code == errno.EAGAIN and connection.family == socket.AF_UNIX:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DestinationTimeout(f"{address}: connect timed out (backlog full)")
+            gevent.sleep(min(UNIX_RETRY, left))
+            code = connection.connect_ex(target)
+        while code == errno.EINPROGRESS:
+            if not wait_writable(connection.fileno(), max(0.0, deadline - time.monotonic())):
                 raise DestinationTimeout(f"{address}: connect timed out")
             code = connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if not code and not _connected(connection):  # a spurious wake-up: wait again
+                code = errno.EINPROGRESS
         if code:
             raise _destination_error(address, OSError(code, os.strerror(code)))
         if connection.family != socket.AF_UNIX:
@@ -197,6 +214,7 @@ def wait_writable(fileno, timeout):
         timer.close()
 
 
+UNIX_RETRY = 0.01  # seconds between connects to a unix socket whose backlog is full
 _SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | _SOCK_NONBLOCK | getattr(socket, "SOCK_CLOEXEC", 0)
 _LITERAL_FAMILIES = {"unix": socket.AF_UNIX}

@@ -186,7 +186,10 @@ def worker_process(config, index, count, heartbeats, slot, generation, listeners
             if worker.stopping.is_set():
                 heartbeats.set_draining(slot)
             trimmer.observe(len(worker.registry))
-            publish_metrics(worker, index)
+            try:
+                publish_metrics(worker, index)
+            except Exception:  # a metrics bug must not stop the heartbeat (and get us killed)
+                LOGGER.exception("publishing metrics failed")
             if not orphaned and os.getppid() != supervisor_pid:
                 orphaned = True
                 LOGGER.warning("supervisor pid=%d is gone; draining", supervisor_pid)

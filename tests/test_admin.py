@@ -259,3 +259,22 @@ def test_metrics_count_exactly_and_survive_a_worker_restart(start_echo, start_da
     expect(scrape(daemon), 13, sum(sizes) + sum(sizes[:3]))
     live = [labels for name, labels in scrape(daemon) if name == "gconn_worker_connections"]
     assert str(victim) not in {dict(labels)["pid"] for labels in live}
+
+
+def test_a_destination_listed_twice_is_counted_once_per_connection(start_echo, start_daemon):
+    """Listing one address twice (to weight round-robin) sums its counts in one series."""
+    echo = start_echo()
+    daemon = start_daemon("--workers", "1", "--bind", "127.0.0.1:0", "--destination",
+                          echo.address, "--destination", echo.address)
+    mark = daemon.mark()
+    for _ in range(4):
+        assert echo_roundtrip(daemon.port(), b"w" * 1000)[1] == 1000
+    for _ in range(4):
+        mark = daemon.lines.index(daemon.wait_contains(" end=", since=mark)) + 1
+    samples = scrape(daemon)
+    route = ("route", "default")
+    assert samples[("gconn_destination_connections_total",
+                    frozenset([route, ("destination", echo.address)]))] == 4
+    assert samples[("gconn_forwarded_bytes_total", frozenset(
+        [route, ("destination", echo.address), ("direction", "up")]))] == 4000
+    assert "Traceback" not in "".join(daemon.lines)
