@@ -63,7 +63,7 @@ class Session:
     """One accepted client of one route, from admission to its access-log line."""
 
     __slots__ = ("route", "client", "host", "context", "started", "greenlet", "upstream",
-                 "destination", "pump", "ended")
+                 "destination", "pump", "ended", "aborted")
 
     def __init__(self, route, client, address, host):
         self.route = route
@@ -77,6 +77,7 @@ class Session:
         self.destination = None
         self.pump = None
         self.ended = False
+        self.aborted = False  # shutdown asked for while connecting
 
     def start(self, candidates):
         """Register the (already admitted) session and connect it to one of ``candidates``
@@ -134,6 +135,8 @@ class Session:
         finally:
             self.greenlet = None
         self.forward(upstream, destination)
+        if self.aborted:  # the connect completed in the loop pass that queued the kill
+            self.pump.end("shutdown")
 
     def forward(self, upstream, destination):
         """Connected: hand both sockets to a pump (its callbacks do the rest)."""
@@ -158,6 +161,7 @@ class Session:
             self.pump.end("shutdown")
         elif self.greenlet:  # connecting: GreenletExit in its connect finishes it (delivered
             # through the hub: a direct throw would never switch back to the caller)
+            self.aborted = True
             gevent.kill(self.greenlet, GreenletExit)
         else:  # not yet started: it will see ``ended`` and return at once
             self.finish("shutdown")
