@@ -117,10 +117,7 @@ class _Flow:
             self.pump.fail(self.from_client, error)
             return
         if not received:
-            self.reader.stop()
-            self.ended = True
-            self.finish()
-            return
+            return self.source_ended()
         self.count += received
         self.pump.active_at = self.pump.loop.now()
         try:
@@ -155,10 +152,7 @@ class _Flow:
             return
         if not received:
             self.release_pipe()
-            self.reader.stop()
-            self.ended = True
-            self.finish()
-            return
+            return self.source_ended()
         self.count += received
         PIPES.spliced += received
         self.in_pipe = received
@@ -178,6 +172,8 @@ class _Flow:
         except OSError as error:
             self.pump.fail(not self.from_client, error)
             return False
+        else:
+            self.pump.active_at = self.pump.loop.now()  # a slow reader taking bytes is not idle
         if self.in_pipe:
             if self.reader.active or self.writer is None or not self.writer.active:
                 self.wait_writable()
@@ -196,12 +192,7 @@ class _Flow:
         if self.pipe is not None:
             if self.splice_out():
                 self.release_pipe()
-                self.pump.active_at = self.pump.loop.now()
-                self.writer.stop()
-                if self.ended:
-                    self.finish()
-                else:
-                    self.reader.start(self.on_readable)
+                self.resume()
             return
         try:
             sent = self.target.send(self.pending)
@@ -215,11 +206,21 @@ class _Flow:
             self.pending = self.pending[sent:]
             return
         self.pending = None
+        self.resume()
+
+    def resume(self):
+        """The target took everything kept: read the source again (or pass its end on)."""
         self.writer.stop()
         if self.ended:
             self.finish()
         else:
             self.reader.start(self.on_readable)
+
+    def source_ended(self):
+        """The source sent end-of-stream: stop reading it and pass the end on."""
+        self.reader.stop()
+        self.ended = True
+        self.finish()
 
     def finish(self):
         """The source ended and all its bytes were delivered: pass the end on (half-close)."""

@@ -177,9 +177,8 @@ class RouteServer:
 
     def shed(self, client, address, reason):
         """Refuse one client at once: the shed-message, the close, the count, the log line."""
-        if reason not in (QUEUE_FULL, QUEUE_TIMEOUT):
+        if reason not in (QUEUE_FULL, QUEUE_TIMEOUT):  # those the admission counted itself
             self.admission.count_shed(reason)
-        metrics.shed(self.name, reason)
         message = self.config.shed_message
         if message:
             try:

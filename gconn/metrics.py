@@ -20,7 +20,6 @@ import tempfile
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, float("inf"))  # connect and session
 _metrics = None  # the namespace of metric objects once set up
-_pending = {}  # (counter attribute, labels) -> amount counted since the last flush
 _published = {}  # (counter attribute, labels) -> the data path's total when last published
 _observed = {}  # (histogram attribute, route) -> [sum, count per bucket] since the last flush
 
@@ -115,16 +114,11 @@ def forget(pid):
         multiprocess.mark_process_dead(pid)
 
 
-def _add(name, labels, amount=1):
-    """Count ``amount`` on counter ``name`` with ``labels``: a plain int until ``flush``."""
-    if _metrics is not None:
-        key = (name, labels)
-        _pending[key] = _pending.get(key, 0) + amount
-
-
 def observe(name, route, seconds):
     """Observe ``seconds`` on histogram ``name`` (``connect_seconds`` or ``session_seconds``)
     of ``route``: plain ints until ``flush``."""
+    if _metrics is None:
+        return
     key = (name, route)
     counts = _observed.get(key)
     if counts is None:
@@ -148,8 +142,8 @@ def flush(routes):
 
     Each prometheus update takes a lock, checks the pid and writes the mmap file, far too
     much per connection, so connections only add to plain ints: the route's ``accepted`` and
-    ``ended``, its admission's ``admitted``, each destination's connected, failed and byte
-    totals, the histograms' bucket counts here; rare events (sheds) go through ``_add``.
+    ``ended``, its admission's ``admitted`` and ``shed``, each destination's connected, failed
+    and byte totals, the histograms' bucket counts here.
     """
     if _metrics is None:
         return
@@ -163,6 +157,8 @@ def flush(routes):
         name = route.name
         total("accepted", (name,), route.accepted)
         total("admitted", (name,), route.admission.admitted)
+        for reason, count in route.admission.shed.items():
+            total("shed", (name, reason), count)
         for end, count in route.ended.items():
             total("ended", (name, end), count)
         for destination in route.destinations.destinations:
@@ -173,12 +169,7 @@ def flush(routes):
             total("forwarded", (name, address, "down"), destination.bytes_down)
     for (name, labels), value in totals.items():
         _publish(name, labels, value)
-    pending, observed = dict(_pending), dict(_observed)
-    _pending.clear()
-    _observed.clear()
-    for (name, labels), amount in pending.items():
-        getattr(_metrics, name).labels(*labels).inc(amount)
-    for (name, route), counts in observed.items():
+    for (name, route), counts in _observed.items():
         # Histogram.observe one value at a time is ``_sum.inc`` plus one bucket's ``inc``
         # (multiprocess buckets are stored per bucket and summed when rendered)
         child = getattr(_metrics, name).labels(route)
@@ -186,10 +177,7 @@ def flush(routes):
         for bucket, count in zip(child._buckets, counts[1:], strict=True):
             if count:
                 bucket.inc(count)
-
-
-def shed(route, reason):
-    _add("shed", (route, reason))
+    _observed.clear()
 
 
 def prime(routes):

@@ -38,12 +38,7 @@ def connect_destination(route, candidates, attempt=None):
     for destination in candidates:
         begun = time.monotonic()
         try:
-            if attempt is not None:
-                attempt, begun_attempt = None, attempt
-                connection = complete_connect(begun_attempt, destination.address,
-                                              route.config.connect_timeout)
-            else:
-                connection = connect(destination.address, route.config.connect_timeout)
+            connection = connect(destination.address, route.config.connect_timeout, attempt)
         except DestinationUnavailable as error:
             if route.config.check_interval > 0:  # quarantined until the checks see it rise
                 route.destinations.quarantine(destination, str(error))
@@ -53,10 +48,17 @@ def connect_destination(route, candidates, attempt=None):
             local.set_error("connect_failed", str(error))
             LOGGER.warning("destination %s failed: %s", destination.address, error)
             continue
-        destination.connect_succeeded()
-        metrics.observe("connect_seconds", route.name, time.monotonic() - begun)
+        finally:
+            attempt = None  # begun for the first candidate only
+        connected(route, destination, time.monotonic() - begun)
         return connection, destination
     raise DestinationUnavailable(f"route {route.name}: every destination failed")
+
+
+def connected(route, destination, seconds):
+    """Record a connection made to ``destination`` in ``seconds``."""
+    destination.connect_succeeded()
+    metrics.observe("connect_seconds", route.name, seconds)
 
 
 class Session:
@@ -102,8 +104,7 @@ class Session:
             except (OSError, DestinationUnavailable):  # closed; the greenlet tries again
                 attempt = None
             else:
-                destination.connect_succeeded()
-                metrics.observe("connect_seconds", route.name, 0.0)
+                connected(route, destination, 0.0)
                 return self.forward(upstream, destination)
         self.greenlet = gevent.spawn_raw(self.connect, candidates, attempt)
 

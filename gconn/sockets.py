@@ -94,9 +94,10 @@ def _describe_bind_error(address, error):
     return f"cannot listen on {address}: {error.strerror or error}"
 
 
-def connect(address, timeout):
+def connect(address, timeout, attempt=None):
     """A connected, non-blocking OS socket to ``address`` within ``timeout`` seconds, owned by
-    the caller; waits cooperatively (call it from a greenlet, never the hub).
+    the caller; waits cooperatively (call it from a greenlet, never the hub).  ``attempt`` is
+    a connect to ``address`` already begun with ``begin_connect``.
 
     The socket is a plain ``_socket.socket`` (what the pump and the session use), not gevent's
     wrapper: creating and closing the wrapper, its two watchers and its timeout machinery was
@@ -106,7 +107,7 @@ def connect(address, timeout):
     when it was refused, reset or not resolvable, ResourceExhausted when this process is out
     of descriptors or ports.
     """
-    attempt = begin_connect(address)
+    attempt = attempt or begin_connect(address)
     if attempt is not None:
         return complete_connect(attempt, address, timeout)
     try:
