@@ -275,12 +275,17 @@ def process_usage():
     return len(os.listdir("/proc/self/fd")), soft, resident
 
 
-def descriptor_capacity():
-    """Forwarded connections this process can hold: two descriptors each, less a reserve."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
+def connections_per_process(open_files_limit):
+    """Forwarded connections one process with ``open_files_limit`` descriptors can hold: two
+    descriptors each (client and destination), less a reserve.  The one place this is said."""
+    if open_files_limit == resource.RLIM_INFINITY:
         return 1 << 30
-    return max(1, (soft - DESCRIPTOR_RESERVE) // 2)
+    return max(1, (open_files_limit - DESCRIPTOR_RESERVE) // 2)
+
+
+def descriptor_capacity():
+    """Forwarded connections this process can hold with its current open-files soft limit."""
+    return connections_per_process(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 def raise_open_files_limit():
