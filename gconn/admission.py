@@ -1,9 +1,10 @@
 """Admission decisions for one route in one worker: admit, queue or shed; blocked client hosts.
 
-Pure bookkeeping, no I/O, times passed in (monotonic seconds), so every decision is tested
-without sockets; listener.py carries the decisions out.  Keycloak's lesson: bound the active
-sessions, bound the queue, shed the rest at once with a clear, counted reason, never an
-unbounded queue.  MySQL Router's: a client host whose connections keep failing is blocked.
+Pure bookkeeping, no I/O and no waiting: the connection's greenlet (session.py) asks, and waits
+itself when told to queue; the acceptor (listener.py) sheds at once what needs no greenlet.
+Keycloak's lesson: bound the active sessions, bound the queue, shed the rest with a clear,
+counted reason, never an unbounded queue.  MySQL Router's: a client host whose connections keep
+failing is blocked.
 """
 
 import collections
@@ -13,80 +14,68 @@ QUEUE_FULL = "queue_full"
 QUEUE_TIMEOUT = "queue_timeout"
 NO_DESTINATION = "no_destination"
 BLOCKED_HOST = "blocked_host"
-FD_EXHAUSTED = "fd_exhausted"
-SHED_REASONS = (QUEUE_FULL, QUEUE_TIMEOUT, NO_DESTINATION, BLOCKED_HOST, FD_EXHAUSTED)
+SHED_REASONS = (QUEUE_FULL, QUEUE_TIMEOUT, NO_DESTINATION, BLOCKED_HOST)
 
 
 class Admission:
-    """A route's active sessions and waiting clients in one worker.
+    """A route's active sessions and waiting sessions in one worker.
 
     ``limit`` is this worker's share of max-connections, ``max_queued`` its share of
-    max-queued.  Waiting clients leave in arrival order; each has a deadline of
-    ``queue_timeout`` after its arrival, so the head always expires first.
+    max-queued.  A released slot is handed straight to the longest-waiting session (``release``
+    returns it), so nobody arriving later overtakes the queue.  Waiting has no deadline here:
+    each waiting greenlet keeps its own queue-timeout and calls ``give_up`` when it runs out.
     """
 
-    def __init__(self, limit, max_queued=0, queue_timeout=0.0):
+    def __init__(self, limit, max_queued=0):
         self.limit = limit
         self.max_queued = max_queued
-        self.queue_timeout = queue_timeout
         self.active = 0
-        self.waiting = collections.deque()  # (deadline, item) in arrival order
+        self.waiting = collections.deque()  # waiting sessions, in arrival order
         self.shed = dict.fromkeys(SHED_REASONS, 0)  # clients shed, by reason
-        self.admitted = 0  # sessions started (directly or from the queue)
-        self.queued = 0  # clients that ever waited
+        self.admitted = 0  # sessions that got a slot (directly or from the queue)
+        self.queued = 0  # sessions that ever waited
 
-    def full(self):
-        """Whether a new session would exceed the limit."""
-        return self.active >= self.limit
-
-    def arrive(self, item, now):
-        """A new client: ADMIT (counted active), QUEUE (kept with its deadline) or QUEUE_FULL."""
-        if not self.full() and not self.waiting:
+    def arrive(self, waiter):
+        """A new session: ADMIT (a slot is its), QUEUE (``waiter`` waits in line) or
+        QUEUE_FULL (counted)."""
+        if self.active < self.limit and not self.waiting:
             self.active += 1
             self.admitted += 1
             return ADMIT
         if len(self.waiting) < self.max_queued:
-            self.waiting.append((now + self.queue_timeout, item))
+            self.waiting.append(waiter)
             self.queued += 1
             return QUEUE
         self.shed[QUEUE_FULL] += 1
         return QUEUE_FULL
 
     def count_shed(self, reason):
-        """Count a client shed for ``reason`` before it reached the queue."""
+        """Count a client shed for ``reason`` outside the queue (blocked host, no destination)."""
         self.shed[reason] += 1
 
-    def expired(self, now):
-        """Remove and return the waiting clients whose deadline has passed (counted)."""
-        gone = []
-        while self.waiting and self.waiting[0][0] <= now:
-            gone.append(self.waiting.popleft()[1])
-        self.shed[QUEUE_TIMEOUT] += len(gone)
-        return gone
-
-    def next_deadline(self):
-        """The deadline of the longest-waiting client, or None."""
-        return self.waiting[0][0] if self.waiting else None
-
     def release(self):
-        """A session ended: one slot fewer in use (``take`` hands it to a waiting client)."""
-        self.active -= 1
-
-    def take(self, now):
-        """The longest-waiting client still within its deadline, if there is room: counted
-        active and returned; else None.  Call ``expired`` first to shed the late ones."""
-        if self.waiting and not self.full() and self.waiting[0][0] > now:
-            self.active += 1
+        """A session gave its slot back: the waiting session it is handed to, or None."""
+        if self.waiting:
             self.admitted += 1
-            return self.waiting.popleft()[1]
+            return self.waiting.popleft()
+        self.active -= 1
         return None
 
+    def give_up(self, waiter):
+        """``waiter``'s queue-timeout ran out: it leaves the line, counted as queue_timeout
+        (nothing is counted for a waiter no longer in line: ``drop_waiting`` counted it)."""
+        try:
+            self.waiting.remove(waiter)  # usually the head: the earliest deadline
+        except ValueError:
+            return
+        self.shed[QUEUE_TIMEOUT] += 1
+
     def drop_waiting(self):
-        """Remove and return every waiting client (shutdown), counted as queue_timeout."""
-        items = [item for _, item in self.waiting]
+        """Remove and return every waiting session (the route stops), counted as queue_timeout."""
+        waiters = list(self.waiting)
         self.waiting.clear()
-        self.shed[QUEUE_TIMEOUT] += len(items)
-        return items
+        self.shed[QUEUE_TIMEOUT] += len(waiters)
+        return waiters
 
 
 class HostBlocker:

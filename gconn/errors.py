@@ -5,7 +5,6 @@ recognised by their text.  Process exit travels as ``Exit``, a ``BaseException``
 exit code, the way gunicorn's ``HaltServer`` does.  Nothing here does I/O.
 """
 
-EXIT_OK = 0  # clean exit, including a drained shutdown
 EXIT_RUNTIME = 1  # the environment said no: port in use, permission denied, descriptors
 EXIT_CONFIG = 2  # the configuration is wrong: file, key, value
 
@@ -39,10 +38,6 @@ class ResourceExhausted(GconnError):
     """This process ran out of descriptors or memory: nobody else's fault."""
 
 
-class ClientAbort(GconnError):
-    """The client went away or misbehaved."""
-
-
 class DestinationUnavailable(GconnError):
     """A destination refused or reset the connection attempt."""
 
@@ -51,8 +46,13 @@ class DestinationTimeout(DestinationUnavailable):
     """A destination did not answer the connection attempt within connect-timeout."""
 
 
-class NoHealthyDestination(GconnError):
-    """No destination of the route is available for a new connection."""
+class Shed(GconnError):
+    """A client is refused before it is forwarded, for a counted ``reason`` (admission.py's
+    shed reasons: queue_timeout, no_destination, ...)."""
+
+    def __init__(self, reason, message):
+        self.reason = reason
+        super().__init__(message)
 
 
 class Exit(BaseException):

@@ -1,19 +1,22 @@
-"""The byte pump: moves bytes both ways between two connected sockets, from event-loop callbacks.
+"""The byte pump: moves bytes both ways between two connected sockets, inside the connection's
+greenlet.
 
-Steady-state forwarding runs in libev watcher callbacks on the hub, not in greenlets: a read on
-one side is sent straight on to the other from one shared per-process buffer, so an idle
-connection costs its two sockets and their read watchers, and a busy one allocates nothing per
-chunk unless the receiver is slow.  Then only the unsent remainder is kept, that side stops
-being read (backpressure: gconn buffers at most one chunk per direction) and a write watcher
-waits until the receiver takes more.
+``Pump.run`` is the forwarding step of a session: it starts one read watcher per socket whose
+callback is the greenlet's own ``switch`` (the hub does no more than switch back in, handing
+over which step is ready), parks in ``hub.switch()`` and, woken, moves one chunk and parks
+again.  Going back to the hub after every chunk is what keeps one always-readable socket from
+starving the other connections (gevent#1741).  Reads land in one buffer shared by every pump
+of the process (safe: nothing switches between a recv and its send), and the read is sent on at
+once; only what the receiver would not take is kept.  Then that side stops being read
+(backpressure: at most one chunk held per direction) and a write watcher waits until the
+receiver takes more.
 
 Half-close aware: end-of-stream from one side shuts the other side's write half once everything
 before it was delivered, and the other direction carries on until it ends too.  The pump never
 closes sockets: the session owns them.  The sockets are plain non-blocking OS sockets
 (``_socket.socket``, not gevent's wrapper: its watchers, timeouts and close bookkeeping cost a
 new connection more than the forwarding does); the pump owns one read watcher per socket and
-makes a write watcher only when a receiver is slow.  It calls ``on_end(outcome)`` once, from the
-hub, when the connection is over, after closing its watchers.
+makes a write watcher only when a receiver is slow, and closes them all before ``run`` returns.
 
 Bulk streams are spliced (HAProxy's splice-auto): once a read fills the whole buffer, that
 direction moves its next chunks socket -> pipe -> socket with os.splice, never copying them
@@ -26,6 +29,9 @@ import os
 import socket
 
 from gevent.hub import get_hub
+from greenlet import getcurrent
+
+from . import local
 
 _buffers = {}  # size in bytes -> memoryview over one bytearray shared by every pump in the process
 SPLICE = hasattr(os, "splice")  # Linux, Python 3.10+
@@ -75,7 +81,8 @@ PIPES = _Pipes()
 
 
 def _shared_buffer(size):
-    """The process's receive buffer of ``size`` bytes: safe to share, callbacks never switch."""
+    """The process's receive buffer of ``size`` bytes: safe to share, as nothing switches
+    between a read into it and the send of what was read."""
     view = _buffers.get(size)
     if view is None:
         view = _buffers[size] = memoryview(bytearray(size))
@@ -138,7 +145,7 @@ class _Flow:
         self.reader.stop()
         if self.writer is None:
             self.writer = self.pump.loop.io(self.target.fileno(), 2)
-        self.writer.start(self.on_writable)
+        self.writer.start(self.pump.switch, self.on_writable)
 
     def splice_in(self):
         """Splice one chunk from the source into the pipe and on to the target."""
@@ -214,7 +221,7 @@ class _Flow:
         if self.ended:
             self.finish()
         else:
-            self.reader.start(self.on_readable)
+            self.reader.start(self.pump.switch, self.on_readable)
 
     def source_ended(self):
         """The source sent end-of-stream: stop reading it and pass the end on."""
@@ -248,26 +255,27 @@ class _Flow:
 class Pump:
     """Forwards between a client and a destination socket until both directions end.
 
-    ``on_end(outcome)`` is called once, from the hub: ``client_closed`` or
-    ``destination_closed`` (the side that ended first, cleanly or by reset), ``idle_timeout``,
-    or whatever ``end`` was given (``shutdown``).  An OSError's text is kept in ``error``.
-    Sockets stay open; their watchers are closed before ``on_end`` runs.
+    ``run`` does the forwarding in the calling greenlet and returns how it ended:
+    ``client_closed`` or ``destination_closed`` (the side that ended first, cleanly or by
+    reset: a reset is recorded in the greenlet's error state) or ``idle_timeout``.  A kill
+    (GreenletExit) raised while it waits passes through, its watchers closed.  Sockets stay
+    open for the session to close.
     """
 
-    __slots__ = ("loop", "buffer", "upstream", "downstream", "active_at", "outcome", "error",
-                 "on_end", "finished", "timer", "idle_timeout", "splice")
+    __slots__ = ("loop", "buffer", "upstream", "downstream", "active_at", "outcome", "switch",
+                 "first_closer", "finished", "timer", "idle_timeout", "splice")
 
-    def __init__(self, client, destination, buffer_size, on_end, splice=True):
+    def __init__(self, client, destination, buffer_size, splice=True):
         self.loop = get_hub().loop
         self.buffer = _shared_buffer(buffer_size)
         self.splice = splice and SPLICE
+        self.switch = None  # the forwarding greenlet's switch, while it runs
         self.upstream = _Flow(self, client, destination, from_client=True)
         self.downstream = _Flow(self, destination, client, from_client=False)
         self.active_at = self.loop.now()
-        self.outcome = None
-        self.error = None
-        self.on_end = on_end
+        self.outcome = None  # set once forwarding is over
         self.finished = 0  # directions that ended and were passed on
+        self.first_closer = None  # the end of the direction that ended first
         self.timer = None
         self.idle_timeout = 0
 
@@ -281,49 +289,54 @@ class Pump:
         """Bytes forwarded from the destination to the client so far."""
         return self.downstream.count
 
-    def start(self, idle_timeout=0):
-        """Start forwarding; returns at once.  ``idle_timeout`` 0 means none."""
-        self.idle_timeout = idle_timeout
-        if idle_timeout > 0:
-            self.timer = self.loop.timer(idle_timeout)
-            self.timer.start(self.on_timer)
-        self.upstream.reader.start(self.upstream.on_readable)
-        self.downstream.reader.start(self.downstream.on_readable)
-        # the client's first bytes are usually waiting already (it sent them while we
-        # connected): move them now rather than after another trip through the event loop
-        self.upstream.on_readable()
+    def run(self, idle_timeout=0):
+        """Forward until both directions end, the peers fail or nothing moved for
+        ``idle_timeout`` seconds (0: no limit); return the outcome.  Call it from the
+        connection's greenlet: it waits there, never in the hub."""
+        hub = get_hub()
+        switch = self.switch = getcurrent().switch
+        upstream, downstream = self.upstream, self.downstream
+        try:
+            self.idle_timeout = idle_timeout
+            if idle_timeout > 0:
+                self.timer = self.loop.timer(idle_timeout)
+                self.timer.start(switch, self.on_timer)
+            upstream.reader.start(switch, upstream.on_readable)
+            downstream.reader.start(switch, downstream.on_readable)
+            # the client's first bytes are usually waiting already (it sent them while we
+            # connected): move them now rather than after another trip through the loop
+            upstream.on_readable()
+            while self.outcome is None:
+                step = hub.switch()  # a watcher hands back the ready step
+                step()
+        finally:
+            self.stop()
+        return self.outcome
 
     def on_timer(self):
         """Close when no byte moved for idle-timeout; else wait out the rest of it."""
         quiet = self.loop.now() - self.active_at
         if quiet >= self.idle_timeout:
-            self.end("idle_timeout")
+            local.set_error("idle_timeout", f"no byte either way for {self.idle_timeout:g}s")
+            self.outcome = "idle_timeout"
         else:
-            self.timer.stop()
             self.timer.close()
             self.timer = self.loop.timer(self.idle_timeout - quiet)
-            self.timer.start(self.on_timer)
+            self.timer.start(self.switch, self.on_timer)
 
     def flow_finished(self, flow):
         """One direction ended cleanly; the first one to end names who closed."""
         self.finished += 1
-        if self.outcome is None:
-            self.outcome = "client_closed" if flow.from_client else "destination_closed"
+        if self.first_closer is None:
+            self.first_closer = "client_closed" if flow.from_client else "destination_closed"
         if self.finished == 2:
-            self.end(self.outcome)
+            self.outcome = self.first_closer
 
     def fail(self, client_side, error):
         """A socket error on one side: that side closed the connection; stop both ways."""
-        self.error = f"{'client' if client_side else 'destination'}: " \
-                     f"{error.strerror or error}"
-        self.end("client_closed" if client_side else "destination_closed")
-
-    def end(self, outcome):
-        """Stop forwarding and report ``outcome`` to ``on_end``, once."""
-        on_end, self.on_end = self.on_end, None
-        self.stop()
-        if on_end is not None:
-            on_end(outcome)
+        side = "client" if client_side else "destination"
+        local.set_error(f"{side}_error", f"{side}: {error.strerror or error}")
+        self.outcome = f"{side}_closed"
 
     def stop(self):
         """Stop every watcher and let go of the flows' links back here (so that reference
@@ -332,7 +345,7 @@ class Pump:
         self.upstream.stop()
         self.downstream.stop()
         self.upstream.pump = self.downstream.pump = None
+        self.switch = None
         if self.timer is not None:
-            self.timer.stop()
             self.timer.close()
             self.timer = None

@@ -9,15 +9,17 @@ Storage: the context and the error are plain attributes on the greenlet object i
 ``gevent.local.local``. Measured with ``tools/bench_local.py`` (gevent 26.9, CPython 3.11, 2-core
 box): ``current()`` takes about 100 ns where one attribute read through a ``gevent.local`` (what
 ``threading.local`` becomes under monkey-patching) takes about 130 ns, and binding a context and an
-error costs about 110 bytes per greenlet against about 650. Only the attribute form also lets
-:func:`spawn_child` bind the child before it runs and a session read its child's error after
-joining it.
+error costs about 110 bytes per greenlet against about 650. The attribute form also lets code
+that holds a greenlet object read that greenlet's error (``last_error(greenlet)``).
+
+The session (session.py) binds its context first thing in its greenlet and reads its error
+state when it finishes: the access line's ``error=`` field.
 """
 
 import logging
 import time
 
-from gevent import Greenlet, getcurrent
+from gevent import getcurrent
 from gevent.event import Event
 
 __all__ = [
@@ -26,16 +28,17 @@ __all__ = [
     "ContextFilter",
     "RWLock",
     "RWLockError",
-    "clear_error",
     "current",
     "last_error",
     "set_current",
     "set_error",
-    "spawn_child",
+    "stack_of",
 ]
 
-# The life of a connection, in order; ConnectionContext.phase holds one of these.
-PHASES = ("accepting", "queued", "connecting", "forwarding", "draining", "closed")
+# The life of a connection, in order; ConnectionContext.phase holds one of these.  A session
+# starts queued (waiting for its slot, however briefly); draining is forwarding while the
+# worker shuts down (Envoy's word): the connection holds up the drain.
+PHASES = ("queued", "connecting", "forwarding", "draining")
 
 # Attribute names on greenlet objects; prefixed so they cannot collide with gevent's own.
 _CONTEXT_ATTRIBUTE = "_gconn_context"
@@ -129,21 +132,6 @@ def set_current(context):
     setattr(getcurrent(), _CONTEXT_ATTRIBUTE, context)
 
 
-def spawn_child(function, *args, **kwargs):
-    """Start ``function(*args, **kwargs)`` in a new greenlet bound to the current context.
-
-    The child (the session's second forwarding direction) gets the same context object, so byte
-    counters and phase changes are shared, but its own empty error state; read the child's error
-    after joining it with ``last_error(child)``. Returns the started :class:`gevent.Greenlet`.
-    """
-    child = Greenlet(function, *args, **kwargs)
-    context = current()
-    if context is not None:
-        setattr(child, _CONTEXT_ATTRIBUTE, context)
-    child.start()
-    return child
-
-
 def set_error(code, message):
     """Record ``(code, message)`` as the running greenlet's error; a later call replaces it."""
     setattr(getcurrent(), _ERROR_ATTRIBUTE, (code, message))
@@ -157,9 +145,17 @@ def last_error(greenlet=None):
     return getattr(getcurrent() if greenlet is None else greenlet, _ERROR_ATTRIBUTE, None)
 
 
-def clear_error():
-    """Forget the running greenlet's recorded error."""
-    setattr(getcurrent(), _ERROR_ATTRIBUTE, None)
+def stack_of(greenlet):
+    """``greenlet``'s current stack, outermost call first, as ``file:line function`` strings
+    (what a parked connection waits on, for the admin); empty when it is not running."""
+    frames = []
+    frame = getattr(greenlet, "gr_frame", None)
+    while frame is not None:
+        code = frame.f_code
+        frames.append(f"{code.co_filename}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    frames.reverse()
+    return frames
 
 
 class ContextFilter(logging.Filter):

@@ -7,7 +7,10 @@ blanks quoted), so that both people and ``grep``/log shippers read it:
     destination=10.0.0.5:3306 bytes_up=120 bytes_down=5321 duration=0.042 end=client_closed
 
 (one line in the log).  ``end`` is one of client_closed, destination_closed, idle_timeout,
-connect_failed, no_destination, shutdown, or ``"error: <text>"``.
+connect_failed, fd_exhausted, shutdown, error, or a shed reason (queue_full, queue_timeout,
+no_destination, blocked_host).  A connection that ended abnormally (a reset, a failed connect,
+a timeout, a shed, a shutdown cut, a bug) has a last field ``error="<what happened>"``, read
+from its greenlet's error state.
 """
 
 import logging
@@ -70,18 +73,21 @@ def format_time(epoch_seconds):
     return f"{whole}.{int(epoch_seconds % 1 * 1000):03d}Z"
 
 
-def access_line(context, end, duration):
-    """The access-log line of a finished connection."""
+def access_line(context, end, duration, error=None):
+    """The access-log line of a finished connection; ``error`` (why it ended abnormally, from
+    its greenlet's error state) is added last when there is one."""
     fields = (
         ("conn", context.id), ("route", context.route), ("client", context.client),
         ("destination", context.destination or "-"), ("bytes_up", context.bytes_up),
         ("bytes_down", context.bytes_down), ("duration", f"{duration:.3f}"), ("end", end),
     )
+    if error:
+        fields += (("error", error),)
     return format_time(context.started) + " " + " ".join(
         f"{key}={_quoted(value)}" for key, value in fields)
 
 
-def log_access(context, end, duration):
+def log_access(context, end, duration, error=None):
     """Write the access-log line of a finished connection, if the access log is on."""
     if not ACCESS.disabled:
-        ACCESS.info(access_line(context, end, duration))
+        ACCESS.info(access_line(context, end, duration, error))

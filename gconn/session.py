@@ -1,194 +1,211 @@
-"""One client connection's life: admitted, connected to a destination, forwarded, finished.
+"""One client connection's life, in one greenlet from accept to its access-log line.
 
-A session is a greenlet while it connects (the blocking part: name resolution, connect with
-timeout, failover), then hands the two sockets to a Pump whose event-loop callbacks move the
-bytes, and its greenlet ends: an idle forwarded connection costs no parked greenlet stack
-(measured: about 7 KB each).  A connect that completes without waiting (an IP literal on
-loopback, a unix socket) needs no greenlet at all: the accept callback starts the pump.
-When the pump ends, ``finish`` runs in the hub: it closes both sockets exactly once, releases
-the admission slot, removes the session from the registry and writes the access-log line.  It
-never reads from the client before a destination is connected (the client's first bytes wait
-in the kernel).  What failed where is recorded in the connect greenlet's error state
-(local.py) and in the pump, and read by ``finish``.
+The route's acceptor spawns ``Session.run`` into the route's forwarding pool; everything done
+for the connection happens here, top to bottom: wait for an active slot (queued, in arrival
+order, up to queue-timeout), pick destinations, connect with failover, forward both directions
+(forward.py: this greenlet waits on both sockets itself), and finish: close both sockets exactly
+once, give the slot back, write the access-log line.  Errors are exceptions caught in one
+place, ``run``.  The connection's context and error state live on this greenlet (local.py), so
+every log line written here carries ``conn=`` and the access line carries ``error=`` when the
+connection ended abnormally.  The client is never read before a destination is connected (its
+first bytes wait in the kernel).  The session owns and closes both sockets; killing its
+greenlet (GreenletExit, the pool's kill at shutdown) ends it cleanly as ``shutdown``.
 """
 
 import logging
 import socket
 import time
 
-import gevent
 from gevent import GreenletExit
+from gevent.event import Event
+from greenlet import getcurrent
 
 from . import local, metrics
-from .errors import DestinationUnavailable, NoHealthyDestination, ResourceExhausted
+from .admission import ADMIT, NO_DESTINATION, QUEUE, QUEUE_TIMEOUT
+from .errors import DestinationUnavailable, ResourceExhausted, Shed
 from .forward import Pump
 from .log import log_access
-from .sockets import begin_connect, complete_connect, connect, peer_name
+from .sockets import connect, peer_name
 
 LOGGER = logging.getLogger("gconn.session")
 
 
-def connect_destination(route, candidates, attempt=None):
+def connect_destination(route, candidates):
     """Try ``candidates`` in order; return (socket, destination) of the first that connects.
-    ``attempt`` is a connect to the first candidate already begun (sockets.begin_connect).
-    The socket is owned by the caller.  Raises NoHealthyDestination when there is no
-    candidate, DestinationUnavailable when every candidate failed."""
-    if not candidates:
-        raise NoHealthyDestination(f"route {route.name}: no destination available")
+
+    The socket is owned by the caller.  Each failure is logged, recorded on the destination
+    (quarantined while health checks run) and in this greenlet's error state.  Raises
+    DestinationUnavailable when every candidate failed, ResourceExhausted when this process is
+    out of descriptors."""
+    failures = []
     for destination in candidates:
         begun = time.monotonic()
         try:
-            connection = connect(destination.address, route.config.connect_timeout, attempt)
+            connection = connect(destination.address, route.config.connect_timeout)
         except DestinationUnavailable as error:
             if route.config.check_interval > 0:  # quarantined until the checks see it rise
                 route.destinations.quarantine(destination, str(error))
                 LOGGER.warning("route=%s destination %s is down (quarantined)", route.name,
                                destination.address)
             destination.connect_failed(time.monotonic(), route.config.retry_interval, str(error))
-            local.set_error("connect_failed", str(error))
+            failures.append(str(error))
+            local.set_error("connect_failed", "; ".join(failures))
             LOGGER.warning("destination %s failed: %s", destination.address, error)
             continue
-        finally:
-            attempt = None  # begun for the first candidate only
-        connected(route, destination, time.monotonic() - begun)
+        destination.connect_succeeded()
+        metrics.observe("connect_seconds", route.name, time.monotonic() - begun)
         return connection, destination
     raise DestinationUnavailable(f"route {route.name}: every destination failed")
 
 
-def connected(route, destination, seconds):
-    """Record a connection made to ``destination`` in ``seconds``."""
-    destination.connect_succeeded()
-    metrics.observe("connect_seconds", route.name, seconds)
+def client_gone(client):
+    """Whether a client has already closed (or reset) its connection, without reading it."""
+    try:
+        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 class Session:
-    """One accepted client of one route, from admission to its access-log line."""
+    """One accepted client of one route; ``run`` is its greenlet's whole life."""
 
-    __slots__ = ("route", "client", "host", "context", "started", "greenlet", "upstream",
-                 "destination", "pump", "ended", "aborted")
+    __slots__ = ("route", "client", "address", "context", "started", "greenlet", "upstream",
+                 "destination", "pump", "has_slot", "woken")
 
-    def __init__(self, route, client, address, host):
+    def __init__(self, route, client, address):
         self.route = route
         self.client = client
-        self.host = host  # client_host(address): what max-connect-errors counts
+        self.address = address
         self.context = local.ConnectionContext(route.registry.next_id(), route.name,
                                                peer_name(address))
         self.started = time.monotonic()
-        self.greenlet = None  # the connecting greenlet, while there is one
+        self.greenlet = None  # the greenlet running ``run``
         self.upstream = None  # the destination socket, once connected
         self.destination = None
         self.pump = None
-        self.ended = False
-        self.aborted = False  # shutdown asked for while connecting
+        self.has_slot = False  # holds one of the route's active slots (give it back at finish)
+        self.woken = None  # the Event a queued session waits on
 
-    def start(self, candidates):
-        """Register the (already admitted) session and connect it to one of ``candidates``
-        (the strategy's order): at once, in the hub, when the first one's connect completes
-        without waiting (an IP literal on loopback or a unix socket), else in a greenlet that
-        waits, resolves names and fails over."""
-        if self.client.family != socket.AF_UNIX:
-            # Nagle on our sends to the client plus its delayed ACK costs ~40 ms per reply
-            self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        route = self.route
-        route.registry.add(self)
-        self.context.phase = "connecting"
-        try:
-            attempt = begin_connect(candidates[0].address) if candidates else None
-        except Exception as error:  # a bug or an unforeseen OS error: this session only
-            LOGGER.exception("session failed while connecting", extra={"conn": self.context.id})
-            return self.finish(f"error: {error}")
-        if attempt is not None and attempt[1] == 0:
-            destination = candidates[0]
-            try:
-                upstream = complete_connect(attempt, destination.address, 0)
-            except (OSError, DestinationUnavailable):  # closed; the greenlet tries again
-                attempt = None
-            else:
-                connected(route, destination, 0.0)
-                return self.forward(upstream, destination)
-        self.greenlet = gevent.spawn_raw(self.connect, candidates, attempt)
-
-    def connect(self, candidates, attempt):
-        """The connecting greenlet: connect a candidate, then hand over to a pump."""
-        if self.ended:  # aborted before this greenlet first ran
-            if attempt is not None and attempt[0] is not None:
-                attempt[0].close()
-            return
+    def run(self):
+        """The connection's greenlet: slot, destination, forward, finish; never raises."""
+        self.greenlet = getcurrent()
         local.set_current(self.context)
+        self.route.registry.add(self)
+        end = "error"
         try:
-            upstream, destination = connect_destination(self.route, candidates, attempt)
-        except NoHealthyDestination as error:
+            end = self.serve()
+        except Shed as shed:
+            end = self.refuse(shed.reason, str(shed))
+        except DestinationUnavailable as error:  # each failure is in the error state already
             LOGGER.warning("%s", error)
-            return self.finish("no_destination")
-        except DestinationUnavailable as error:
-            LOGGER.warning("%s", error)
-            return self.finish("connect_failed")
+            end = "connect_failed"
         except ResourceExhausted as error:
             local.set_error("fd_exhausted", str(error))
             LOGGER.warning("%s", error)
-            return self.finish("fd_exhausted")
+            end = "fd_exhausted"
         except GreenletExit:
-            return self.finish("shutdown")
-        except Exception as error:  # a bug or an unforeseen OS error: report it, serve others
-            local.set_error("error", str(error))
-            LOGGER.exception("session failed while connecting")
-            return self.finish(f"error: {error}")  # the text goes to the access log only
+            local.set_error("shutdown", f"cut in phase {self.context.phase} by shutdown")
+            end = "shutdown"
+        except Exception as error:  # a bug or an unforeseen OS error: this connection only
+            local.set_error("error", f"{type(error).__name__}: {error}")
+            LOGGER.exception("session failed")
         finally:
-            self.greenlet = None
-        self.forward(upstream, destination)
-        if self.aborted:  # the connect completed in the loop pass that queued the kill
-            self.pump.end("shutdown")
+            self.finish(end)
 
-    def forward(self, upstream, destination):
-        """Connected: hand both sockets to a pump (its callbacks do the rest)."""
-        self.upstream = upstream
-        self.destination = destination
-        self.context.destination = destination.name
-        self.context.phase = "forwarding"
-        config = self.route.config
-        self.pump = Pump(self.client, upstream, config.buffer_size, self.finish, config.splice)
-        self.pump.start(config.idle_timeout)
+    def serve(self):
+        """Wait for a slot, connect a destination, forward; return how the connection ended."""
+        route = self.route
+        if self.client.family != socket.AF_UNIX:
+            # Nagle on our sends to the client plus its delayed ACK costs ~40 ms per reply
+            self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        decision = route.admission.arrive(self)  # counts a queue_full shed itself
+        if decision == ADMIT:
+            self.has_slot = True
+        elif decision == QUEUE:
+            self.wait_for_slot()
+            if client_gone(self.client):  # it gave up while waiting: do not connect onwards
+                return "client_closed"
+        else:  # cannot happen while the pool is sized max-connections + max-queued
+            raise Shed(decision, "queue full")
+        self.context.phase = "connecting"
+        candidates = route.destinations.candidates(time.monotonic())
+        if not candidates:
+            route.admission.count_shed(NO_DESTINATION)
+            raise Shed(NO_DESTINATION, f"route {route.name}: no destination available")
+        self.upstream, self.destination = connect_destination(route, candidates)
+        self.context.destination = self.destination.name
+        self.context.phase = "draining" if route.draining else "forwarding"
+        config = route.config
+        self.pump = Pump(self.client, self.upstream, config.buffer_size, config.splice)
+        return self.pump.run(config.idle_timeout)
 
-    def view(self):
-        """The admin's view of this connection, byte counts as of now."""
+    def wait_for_slot(self):
+        """Queued: wait for a slot handed over by ``give_slot``, up to queue-timeout;
+        Shed(queue_timeout) when it ran out or the route stopped first."""
+        self.context.phase = "queued"
+        self.woken = Event()
+        timeout = self.route.config.queue_timeout
+        try:
+            self.woken.wait(timeout)
+        finally:
+            if not self.has_slot:
+                self.route.admission.give_up(self)
+        if not self.has_slot:
+            raise Shed(QUEUE_TIMEOUT, f"no slot within queue-timeout {timeout:g}s")
+
+    def give_slot(self):
+        """Hand this queued session the slot another one gave back (from that one's greenlet)."""
+        self.has_slot = True
+        self.woken.set()
+
+    def refuse(self, reason, why):
+        """Shed this client before forwarding (already counted): the shed-message; the end."""
+        local.set_error(reason, why)
+        message = self.route.config.shed_message
+        if message:
+            try:
+                self.client.send(message)  # best effort, never waits: the client is leaving
+            except OSError:
+                pass
+        return reason
+
+    def view(self, stack=False):
+        """The admin's view of this connection (bytes as of now, its greenlet, its phase)."""
+        context = self.context
         if self.pump is not None:
-            self.context.bytes_up = self.pump.bytes_up
-            self.context.bytes_down = self.pump.bytes_down
-        return self.context.as_dict()
-
-    def abort(self):
-        """End the session now (shutdown): stop forwarding or interrupt the connect."""
-        if self.pump is not None:
-            self.pump.end("shutdown")
-        elif self.greenlet:  # connecting: GreenletExit in its connect finishes it (delivered
-            # through the hub: a direct throw would never switch back to the caller)
-            self.aborted = True
-            gevent.kill(self.greenlet, GreenletExit)
-        else:  # not yet started: it will see ``ended`` and return at once
-            self.finish("shutdown")
+            context.bytes_up = self.pump.bytes_up
+            context.bytes_down = self.pump.bytes_down
+        view = context.as_dict()
+        greenlet = self.greenlet
+        view["greenlet"] = greenlet.minimal_ident if greenlet is not None else None
+        if stack:
+            view["stack"] = local.stack_of(greenlet)
+        return view
 
     def finish(self, end):
-        """Close both sockets, release the slot, log how it ended; runs exactly once."""
-        if self.ended:
-            return
-        self.ended = True
+        """Close both sockets, give the slot back, log how it ended (once, from ``run``)."""
         context = self.context
-        context.phase = "closed"
         pump = self.pump
         if pump is not None:
-            pump.stop()
             context.bytes_up, context.bytes_down = pump.bytes_up, pump.bytes_down
-            if pump.error:
-                LOGGER.debug("%s ended: %s", end, pump.error, extra={"conn": context.id})
+        route = self.route
         try:
             if self.upstream is not None:
                 self.upstream.close()
                 self.destination.disconnected(context.bytes_up, context.bytes_down)
             self.client.close()
         finally:
-            self.route.registry.remove(self)
+            route.registry.remove(self)
             duration = time.monotonic() - self.started
             try:
-                self.route.session_ended(self, end, duration)  # the slot first, whatever fails
+                if self.has_slot:
+                    self.has_slot = False
+                    waiting = route.admission.release()
+                    if waiting is not None:
+                        waiting.give_slot()
+                route.session_ended(self, end, duration)
             finally:
-                log_access(context, end, duration)
+                error = local.last_error()
+                log_access(context, end, duration, error[1] if error else None)

@@ -4,7 +4,8 @@ Every function that opens a socket either returns it to the caller, who then own
 or closes it itself before raising.  Errors leave here sorted by whose fault they are: the
 environment at start-up (StartupError), the destination (DestinationUnavailable / Timeout).
 Called after gevent's monkey-patching: listeners are gevent sockets (StreamServer's), while
-forwarded connections are plain non-blocking OS sockets driven by the pump's watchers.
+forwarded connections are plain non-blocking OS sockets that the connection's greenlet waits on
+through the loop's own watchers.
 """
 
 import _socket
@@ -94,20 +95,20 @@ def _describe_bind_error(address, error):
     return f"cannot listen on {address}: {error.strerror or error}"
 
 
-def connect(address, timeout, attempt=None):
+def connect(address, timeout):
     """A connected, non-blocking OS socket to ``address`` within ``timeout`` seconds, owned by
-    the caller; waits cooperatively (call it from a greenlet, never the hub).  ``attempt`` is
-    a connect to ``address`` already begun with ``begin_connect``.
+    the caller; waits cooperatively in the calling greenlet (never call it from the hub).
 
     The socket is a plain ``_socket.socket`` (what the pump and the session use), not gevent's
     wrapper: creating and closing the wrapper, its two watchers and its timeout machinery was
-    the largest share of a new connection's cost.  Names are resolved through gevent's
-    resolver and each address tried in turn within ``timeout``; an IP literal is not resolved
-    at all.  Raises DestinationTimeout when no answer came in time, DestinationUnavailable
-    when it was refused, reset or not resolvable, ResourceExhausted when this process is out
-    of descriptors or ports.
+    the largest share of a new connection's cost.  An IP literal or unix path is connected at
+    once (on loopback the connect has completed when it returns: no wait at all); a name is
+    resolved through gevent's resolver and each address tried in turn within ``timeout``.
+    Raises DestinationTimeout when no answer came in time, DestinationUnavailable when it was
+    refused, reset or not resolvable, ResourceExhausted when this process is out of
+    descriptors or ports.
     """
-    attempt = attempt or begin_connect(address)
+    attempt = begin_connect(address)
     if attempt is not None:
         return complete_connect(attempt, address, timeout)
     try:
@@ -124,10 +125,9 @@ def connect(address, timeout, attempt=None):
 
 
 def begin_connect(address):
-    """Start connecting to an IP-literal or unix ``address`` without waiting (safe in the
-    hub): an attempt for ``complete_connect``, or None when ``address`` is a name to resolve.
-    An attempt whose code is 0 is connected already: on loopback the handshake is over when
-    connect returns, and a connection that needs no wait needs no greenlet either."""
+    """Start connecting to an IP-literal or unix ``address`` without waiting: an attempt for
+    ``complete_connect``, or None when ``address`` is a name to resolve.  An attempt whose
+    code is 0 is connected already (on loopback the handshake is over when connect returns)."""
     family = _LITERAL_FAMILIES.get(address.family) or _literal_family(address.host)
     if family is None:
         return None
@@ -164,8 +164,7 @@ def _connected(connection):
 
 def complete_connect(attempt, address, timeout):
     """The connected socket of ``attempt`` (from ``begin_connect``), waiting in this greenlet
-    up to ``timeout`` seconds if it is still in progress; closed before any error is raised.
-    Never waits when the attempt's code is 0, so that case may run in the hub."""
+    up to ``timeout`` seconds if it is still in progress; closed before any error is raised."""
     connection, code, target = attempt
     if connection is None:
         raise _destination_error(address, OSError(code, os.strerror(code)))

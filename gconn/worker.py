@@ -1,10 +1,11 @@
-"""One serving process: its hub, one RouteServer per route, its registry, and graceful stop.
+"""One serving process: its hub, one Route per route, its registry, and graceful stop.
 
 On SIGTERM/SIGINT the worker stops accepting (new clients are refused), lets live connections
-run for up to shutdown-timeout, then closes what is left (ended ``shutdown``); a second signal,
-or SIGQUIT, stops at once.  SIGUSR1 reopens the log files.  Signal handlers only set events or
-call one short function; the main greenlet does the work.  Post-fork set-up (process title,
-route shares, heartbeat, leaving when the supervisor is gone) lives in ``worker_process``.
+run for up to shutdown-timeout (joining the routes' forwarding pools), then kills what is left
+(each greenlet ends its connection as ``shutdown``); a second signal, or SIGQUIT, stops at
+once.  SIGUSR1 reopens the log files.  Signal handlers only set events or call one short
+function; the main greenlet does the work.  Post-fork set-up (process title, route shares,
+heartbeat, leaving when the supervisor is gone) lives in ``worker_process``.
 """
 
 import ctypes
@@ -19,14 +20,14 @@ from gevent.event import Event
 
 from . import log, metrics
 from .control import ControlServer
-from .listener import RouteServer
 from .registry import Registry
+from .route import Route
 from .sockets import process_usage
 
 LOGGER = logging.getLogger("gconn.worker")
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's liveness stamps
-ABORT_GRACE = 5.0  # seconds for aborted sessions to finish at the end of a drain
+KILL_GRACE = 5.0  # seconds for killed connection greenlets to finish at the end of a drain
 TRIM_MINIMUM = 256  # live connections a wave must reach before its end returns memory
 
 
@@ -53,7 +54,7 @@ class Worker:
         try:
             for route in self.config.routes:
                 inherited = self.listeners.get(str(route.bind))
-                self.routes.append(RouteServer(route, self.registry, self.reuse_port, inherited))
+                self.routes.append(Route(route, self.registry, self.reuse_port, inherited))
         except BaseException:
             for server in self.routes:
                 server.stop_accepting()
@@ -96,18 +97,27 @@ class Worker:
         return 0
 
     def drain(self, timeout):
-        """Stop accepting, wait up to ``timeout`` seconds for sessions, then end the rest."""
-        for server in self.routes:
-            server.stop_accepting()
+        """Stop accepting, join the forwarding pools for up to ``timeout`` seconds (or until a
+        second signal), then kill the greenlets still in them."""
+        for route in self.routes:
+            route.draining = True
+            route.stop_accepting()
+        for session in self.registry:  # the admin shows who holds the drain up
+            if session.context.phase == "forwarding":
+                session.context.phase = "draining"
         LOGGER.info("stopping: refusing new connections, draining %d live for up to %.1fs",
                     len(self.registry), 0 if self.stop_now.is_set() else timeout)
-        gevent.wait([self.registry.empty, self.stop_now], timeout=timeout, count=1)
-        left = self.registry.abort_all()
+        pools = [route.pool for route in self.routes]
+        joined = gevent.spawn(lambda: [pool.join() for pool in pools])
+        gevent.wait([joined, self.stop_now], timeout=timeout, count=1)
+        joined.kill()
+        left = sum(len(pool) for pool in pools)
+        for pool in pools:
+            pool.kill(timeout=KILL_GRACE)
         if left:
-            self.registry.empty.wait(ABORT_GRACE)  # connecting ones end through the hub
             LOGGER.info("closed %d connections still live", left)
-        for server in self.routes:
-            LOGGER.info("%s", server.summary())
+        for route in self.routes:
+            LOGGER.info("%s", route.summary())
         LOGGER.info("worker stopped")
 
 

@@ -7,48 +7,43 @@ from gconn.settings import parse_destinations
 
 def test_admit_then_queue_in_arrival_order_then_shed():
     """10 admitted, 5 queued, the 16th shed queue_full; released slots go to the queue in order."""
-    admission = Admission(limit=10, max_queued=5, queue_timeout=5.0)
-    decisions = [admission.arrive(n, now=0.0) for n in range(16)]
+    admission = Admission(limit=10, max_queued=5)
+    decisions = [admission.arrive(n) for n in range(16)]
     assert decisions == [ADMIT] * 10 + [QUEUE] * 5 + [QUEUE_FULL]
-    taken = []
-    for _ in range(5):
-        admission.release()
-        taken.append(admission.take(now=1.0))
-    assert taken == [10, 11, 12, 13, 14]
+    handed = [admission.release() for _ in range(5)]
+    assert handed == [10, 11, 12, 13, 14]
     assert admission.active == 10 and admission.admitted == 15 and admission.queued == 5
     assert admission.shed[QUEUE_FULL] == 1
+    assert admission.release() is None and admission.active == 9
 
 
-def test_queue_timeout_sheds_the_expired_head_first():
-    """Waiting clients past queue-timeout leave as queue_timeout; later arrivals stay."""
-    admission = Admission(limit=1, max_queued=3, queue_timeout=2.0)
-    admission.arrive("a", now=0.0)
-    admission.arrive("b", now=0.0)
-    admission.arrive("c", now=1.0)
-    assert admission.next_deadline() == 2.0
-    assert admission.expired(now=2.5) == ["b"]
-    assert admission.next_deadline() == 3.0
-    admission.release()
-    assert admission.take(now=2.6) == "c"
+def test_a_newcomer_never_overtakes_the_queue():
+    """While sessions wait, a newcomer queues even at the moment a slot is given back."""
+    admission = Admission(limit=1, max_queued=3)
+    assert [admission.arrive(name) for name in "ab"] == [ADMIT, QUEUE]
+    assert admission.release() == "b"  # handed over: the slot never looks free
+    assert admission.arrive("c") == QUEUE and admission.active == 1
+
+
+def test_giving_up_leaves_the_line_counted_once():
+    """A waiter whose queue-timeout ran out leaves the line as queue_timeout; the next waiter
+    gets the slot; a waiter dropped at shutdown is counted by the drop, not again."""
+    admission = Admission(limit=1, max_queued=3)
+    for name in "abcd":
+        admission.arrive(name)
+    admission.give_up("b")
     assert admission.shed[QUEUE_TIMEOUT] == 1
-
-
-def test_a_slot_freed_after_the_head_expired_goes_to_the_next_waiting():
-    """Release, then the expired head is shed, and the next waiting client takes the slot."""
-    admission = Admission(limit=1, max_queued=3, queue_timeout=2.0)
-    admission.arrive("a", now=0.0)
-    admission.arrive("b", now=0.0)
-    admission.arrive("c", now=1.0)
-    admission.release()
-    assert admission.expired(now=2.5) == ["b"]
-    assert admission.take(now=2.5) == "c" and admission.active == 1
+    assert admission.release() == "c"
+    assert admission.drop_waiting() == ["d"] and admission.shed[QUEUE_TIMEOUT] == 2
+    admission.give_up("d")
+    assert admission.shed[QUEUE_TIMEOUT] == 2
 
 
 def test_no_queue_means_shed_when_full():
     """max-queued 0: a client arriving at a full route is shed at once."""
     admission = Admission(limit=1, max_queued=0)
-    assert admission.arrive("a", 0.0) == ADMIT
-    assert admission.arrive("b", 0.0) == QUEUE_FULL
+    assert admission.arrive("a") == ADMIT
+    assert admission.arrive("b") == QUEUE_FULL
 
 
 def test_host_blocker_counts_consecutive_failures_and_unblocks():

@@ -1,0 +1,112 @@
+"""One route in one worker: the parts that serve it, wired together, and its end-of-session
+accounting.
+
+A route has a listening socket and its acceptor (listener.py), a forwarding pool of connection
+greenlets (gevent.pool.Pool, sized this worker's share of max-connections + max-queued), its
+admission bookkeeping and blocked hosts (admission.py), its destinations with their health
+checks (destinations.py, health.py).  What happens to one connection is session.py's; this
+module holds no per-connection logic beyond counting how sessions ended.
+"""
+
+import logging
+import os
+import time
+
+from gevent.hub import get_hub
+from gevent.pool import Pool
+
+from . import metrics
+from .admission import Admission, HostBlocker
+from .destinations import RouteDestinations
+from .health import HealthChecks
+from .listener import Acceptor
+from .local import ConnectionContext
+from .log import log_access
+from .session import Session
+from .sockets import bound_address, client_host, listen, peer_name
+
+LOGGER = logging.getLogger("gconn.route")
+
+
+class Route:
+    """One route in this process: listener, pool, admission, destinations, accounting."""
+
+    def __init__(self, config, registry, reuse_port=False, listener=None):
+        self.config = config
+        self.name = config.name
+        self.registry = registry
+        self.loop = get_hub().loop
+        self.destinations = RouteDestinations(config.destinations, config.strategy)
+        self.health = HealthChecks(self)
+        self.admission = Admission(config.max_connections, config.max_queued)
+        self.blocker = HostBlocker(config.max_connect_errors, config.blocked_host_time)
+        self.pool = Pool(config.max_connections + config.max_queued)  # the forwarding pool
+        self.accept_exhausted = 0  # accept attempts that found the process out of descriptors
+        self.accepted = 0  # clients accepted (metrics.flush publishes the plain counts)
+        self.ended = {}  # how sessions ended -> how many
+        self.draining = False  # the worker is shutting down: forwarding sessions hold it up
+        self.owns_address = listener is None  # an inherited unix listener is the supervisor's
+        self.socket = listener or listen(config.bind, config.backlog, reuse_port=reuse_port)
+        self.address = bound_address(self.socket, config.bind)
+        self.server = Acceptor(self.socket, self)
+
+    def serve(self, client, address):
+        """The body of one connection's greenlet (the acceptor spawns it into the pool)."""
+        Session(self, client, address).run()
+
+    def shed(self, client, address, reason):
+        """Refuse one client at once in the accept path (already counted): the shed-message,
+        the close, the access line."""
+        message = self.config.shed_message
+        if message:
+            try:
+                client.send(message)  # best effort, never waits: the client is leaving
+            except OSError:
+                pass
+        client.close()
+        context = ConnectionContext(self.registry.next_id(), self.name, peer_name(address))
+        log_access(context, reason, 0.0)
+
+    def session_ended(self, session, end, duration):
+        """A session finished: count how, and count it for or against its client's host."""
+        now = time.monotonic()
+        host = client_host(session.address)
+        if end == "connect_failed" or (
+                end == "client_closed" and session.context.bytes_up == 0
+                and session.destination is not None
+                and duration < self.config.client_connect_timeout):
+            if self.blocker.failed(host, now):
+                LOGGER.warning("route=%s client host %s blocked for %.0fs after %d failed "
+                               "connections", self.name, host,
+                               self.config.blocked_host_time, self.config.max_connect_errors)
+        elif session.context.bytes_up:
+            self.blocker.succeeded(host)
+        self.ended[end] = self.ended.get(end, 0) + 1
+        metrics.observe("session_seconds", self.name, duration)
+
+    def start(self):
+        """Start accepting and checking destinations."""
+        self.server.start()
+        self.health.start()
+        LOGGER.info("listening route=%s address=%s", self.name, self.address)
+
+    def stop_accepting(self):
+        """Close the listener: new clients are refused, live sessions go on; waiting sessions
+        are shed (they would wait for a slot that a draining worker will not give)."""
+        self.server.close()
+        self.health.stop()
+        for waiter in self.admission.drop_waiting():  # counted there; each wakes and leaves
+            waiter.woken.set()
+        if self.config.bind.family == "unix" and self.owns_address:
+            try:
+                os.unlink(self.config.bind.path)
+            except OSError:
+                pass
+
+    def summary(self):
+        """One line of this route's admission counters (logged when the worker stops)."""
+        counts = " ".join(f"shed_{reason}={count}"
+                          for reason, count in self.admission.shed.items())
+        return (f"route={self.name} admitted={self.admission.admitted} "
+                f"queued={self.admission.queued} {counts}")
+
