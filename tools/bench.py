@@ -29,6 +29,7 @@ from gconn.settings import rewrite_between_markers
 from tools.soak import ROOT, Fleet, load_pyplot, wait_for_line
 
 PEERS = ("noproxy", "gconn", "haproxy", "nginx", "uvloop", "asyncio", "gevent")
+BEFORE = [None]  # --before: a checkout of an earlier gconn, measured as the gconn-before peer
 PROXY_CPU, LOAD_CPU = "0", "1"  # the proxy's core and the load generator's and backend's
 READY_TIMEOUT = 30.0  # seconds for a started program to accept connections
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
@@ -93,11 +94,14 @@ def start_peer(fleet, peer, target, tag):
     scratch = fleet.scratch
     port = free_port()
     name = f"{peer}-{tag}"
-    if peer == "gconn":
+    if peer in ("gconn", "gconn-before"):
+        # gconn-before runs ``python -m gconn`` in an earlier checkout (--before): the
+        # working directory comes first on sys.path, ahead of the installed gconn
         process = fleet.start(name, pinned(PROXY_CPU, [
             sys.executable, "-m", "gconn", "--workers", "1", "--admin", "", "--access-log", "off",
             "--idle-timeout", "0", "--max-connections", "20000", "--max-connect-errors", "0",
-            "--bind", f"127.0.0.1:{port}", "--destination", f"127.0.0.1:{target}"]))
+            "--bind", f"127.0.0.1:{port}", "--destination", f"127.0.0.1:{target}"]),
+            cwd=BEFORE[0] if peer == "gconn-before" else None)
         wait_for_line(process, "ready workers=")
     elif peer == "haproxy":
         path = os.path.join(scratch, f"{name}.cfg")
@@ -416,10 +420,19 @@ def main(argv=None):
     parser.add_argument("--plot", metavar="FILE.png")
     parser.add_argument("--readme", metavar="README.rst",
                         help="rewrite the Performance table in this file")
+    parser.add_argument("--before", metavar="DIR",
+                        help="also measure the gconn checked out in DIR (say, today's main) as "
+                             "peer gconn-before, side by side in the same runs")
     parser.add_argument("--from-json", metavar="FILE", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     options.peers = [peer.strip() for peer in options.peers.split(",") if peer.strip()]
-    unknown = set(options.peers) - set(PEERS)
+    if options.before:
+        if not os.path.isfile(os.path.join(options.before, "gconn", "__main__.py")):
+            parser.error(f"--before {options.before}: no gconn checkout there")
+        BEFORE[0] = os.path.abspath(options.before)
+        options.peers.insert(options.peers.index("gconn") + 1 if "gconn" in options.peers
+                             else 0, "gconn-before")
+    unknown = set(options.peers) - set(PEERS) - {"gconn-before"}
     if unknown:
         parser.error(f"unknown peer {sorted(unknown)[0]!r}; choose from {', '.join(PEERS)}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))  # atexit then stops every process
