@@ -26,7 +26,7 @@ from . import control, log, metrics
 from .admin import Admin
 from .config import load
 from .errors import ConfigError, StartupError
-from .sockets import DESCRIPTOR_RESERVE, listen, raise_open_files_limit
+from .sockets import connections_per_process, listen, raise_open_files_limit
 from .worker import worker_process
 
 LOGGER = logging.getLogger("gconn.supervisor")
@@ -44,19 +44,38 @@ HELD_SIGNALS = {getattr(signal, f"SIG{name}") for name in SIGNALS if name != "CH
 
 
 def capacity(open_files_limit, workers):
-    """How many forwarded connections ``workers`` processes can hold (two descriptors each)."""
-    return max(0, (open_files_limit - DESCRIPTOR_RESERVE) // 2) * workers
+    """How many forwarded connections ``workers`` processes can hold."""
+    return connections_per_process(open_files_limit) * workers
 
 
 def workers_needed(connections, open_files_limit):
     """The fewest workers that can hold ``connections`` forwarded connections."""
-    per_worker = max(1, (open_files_limit - DESCRIPTOR_RESERVE) // 2)
-    return -(-connections // per_worker)
+    return -(-connections // connections_per_process(open_files_limit))
 
 
 def worker_count(config):
     """The configured number of workers; 0 means one per CPU core."""
     return config.process.workers or os.cpu_count() or 1
+
+
+def capacity_warnings(config, open_files_limit):
+    """What ``config`` asks for that its workers cannot give, one sentence each (empty when it
+    fits): the supervisor logs these at start and reload, ``--check-config`` prints them."""
+    workers = worker_count(config)
+    wanted = sum(route.max_connections for route in config.routes)
+    held = capacity(open_files_limit, workers)
+    warnings = []
+    if wanted > held:
+        warnings.append(
+            f"max-connections over all routes is {wanted} but {workers} workers with an "
+            f"open-files limit of {open_files_limit} hold at most {held}; set workers = "
+            f"{workers_needed(wanted, open_files_limit)} to reach it")
+    for route in config.routes:
+        if route.max_connections < workers:
+            warnings.append(
+                f"route={route.name} max-connections {route.max_connections} is below the "
+                f"{workers} workers: each worker serves at most 1, so up to {workers} at once")
+    return warnings
 
 
 def reservation_key(route):
@@ -262,20 +281,9 @@ class Supervisor:
                 pass
 
     def check_capacity(self, config):
-        """Log one warning when the routes' max-connections exceed what the workers can hold."""
-        workers = worker_count(config)
-        wanted = sum(route.max_connections for route in config.routes)
-        held = capacity(self.open_files, workers)
-        if wanted > held:
-            LOGGER.warning(
-                "max-connections over all routes is %d but %d workers with an open-files limit "
-                "of %d hold at most %d; set workers = %d to reach it", wanted, workers,
-                self.open_files, held, workers_needed(wanted, self.open_files))
-        for route in config.routes:
-            if route.max_connections < workers:
-                LOGGER.warning("route=%s max-connections %d is below the %d workers: each "
-                               "worker serves at most 1, so up to %d at once", route.name,
-                               route.max_connections, workers, workers)
+        """Log each capacity warning for ``config`` (see ``capacity_warnings``)."""
+        for warning in capacity_warnings(config, self.open_files):
+            LOGGER.warning("%s", warning)
 
     def run(self):
         """Start the workers, then dispatch signals and tend workers until stopped."""
