@@ -138,13 +138,14 @@ class Admin:
         return 200, self.fleet.totals()
 
     def connections(self, query):
-        """Live connections of every worker, filtered and paginated (JSON)."""
-        unknown = set(query) - {"route", "client", "limit", "offset"}
+        """Live connections of every worker, filtered and paginated (JSON); ``stack=1`` adds
+        each one's greenlet stack."""
+        unknown = set(query) - {"route", "client", "limit", "offset", "stack"}
         if unknown:
             raise BadRequest(f"unknown query parameter {sorted(unknown)[0]!r}")
         limit = whole_number(query, "limit", PAGE_LIMIT, 1, PAGE_LIMIT_MAX)
         offset = whole_number(query, "offset", 0, 0, 10**12)
-        found = self.fleet.connections()
+        found = self.fleet.connections(stacks=switch(query, "stack"))
         if query.get("route"):
             found = [c for c in found if c["route"] == query["route"]]
         if query.get("client"):
@@ -179,3 +180,11 @@ def whole_number(query, name, default, low, high):
     if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise BadRequest(f"{name} must be a whole number from {low} to {high}")
     return int(text)
+
+
+def switch(query, name):
+    """``query[name]`` as a bool from ``0`` or ``1`` (absent or empty: False), or BadRequest."""
+    text = query.get(name) or "0"
+    if text not in ("0", "1"):
+        raise BadRequest(f"{name} must be 0 or 1")
+    return text == "1"

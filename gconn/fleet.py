@@ -92,10 +92,12 @@ class Fleet:
                 "workers_answering": sum(1 for report in reports.values() if report is not None),
                 "routes": route_totals(reports.values())}
 
-    def connections(self):
-        """Every live connection of every current worker."""
+    def connections(self, stacks=False):
+        """Every live connection of every current worker; with ``stacks``, each with its
+        greenlet's stack."""
+        command = "connections stack" if stacks else "connections"
         found = []
-        for answer in self.ask(self.roster().current, "connections").values():
+        for answer in self.ask(self.roster().current, command).values():
             found.extend(answer or [])
         return found
 

@@ -163,9 +163,11 @@ def test_bad_paths_and_queries(start_daemon):
     daemon = start_daemon("--workers", "1", "--bind", "127.0.0.1:0",
                           "--destination", f"127.0.0.1:{free_port()}")
     assert get(daemon, "/nope")[0] == 404
-    for query in ("limit=0", "limit=abc", "offset=-1", "colour=blue"):
+    for query in ("limit=0", "limit=abc", "offset=-1", "colour=blue", "stack=2", "stack=yes"):
         status, body = get(daemon, f"/connections?{query}")
         assert status == 400 and body.count("\n") == 1 and "error" in json.loads(body)
+    assert get(daemon, "/connections?stack=2") == (400, '{"error": "stack must be 0 or 1"}\n')
+    assert get(daemon, "/connections?stack=0")[0] == 200
 
 
 def test_admin_beyond_loopback_needs_a_token(start_daemon, tmp_path):
