@@ -2,11 +2,12 @@
 
 ``/livez`` answers from the supervisor's own loop and never waits on workers or destinations
 (Keycloak's lesson: a busy process must not be restarted for answering slowly).  ``/readyz``,
-``/status`` and ``/connections`` ask the workers over their control sockets (control.py) when
-requested, never on the data path.  ``/config`` shows the effective config with the origin of
-every value.  Bound to loopback by default; elsewhere a bearer token (``admin-token-file``) or
-``--admin-insecure`` is required.  Bad paths get 404, bad query values 400 with a one-line JSON
-error, a wrong or missing token 401 without detail.
+``/status`` and ``/connections`` ask the workers through the fleet (fleet.py) when requested,
+never on the data path; this module only parses requests and shapes answers.  ``/config``
+shows the effective config with the origin of every value.  Bound to loopback by default;
+elsewhere a bearer token (``admin-token-file``) or ``--admin-insecure`` is required.  Bad paths
+get 404, bad query values 400 with a one-line JSON error, a wrong or missing token 401 without
+detail.
 """
 
 import hmac
@@ -46,9 +47,11 @@ class AccessLog:
 class Admin:
     """The admin endpoint of one supervisor."""
 
-    def __init__(self, supervisor, address, token=None):
-        self.supervisor = supervisor
-        self.token = token
+    def __init__(self, address, token, fleet, metrics_dir, current_config):
+        self.token = token  # the bearer token every request must carry; None: no check
+        self.fleet = fleet  # the supervisor's workers, asked together
+        self.metrics_dir = metrics_dir  # the workers' prometheus-client multiprocess files
+        self.current_config = current_config  # returns the Config in effect (reloads change it)
         self.socket = listen(address, 128)
         self.address = bound_address(self.socket, address)
         # Requests are served by greenlets of this pool, one connection each, closed after
@@ -89,10 +92,10 @@ class Admin:
             return self.reply(start_response, 404, {"error": "not found"})
         query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
         try:
-            status, body = handler({key: values[-1] for key, values in query.items()})
+            code, body = handler({key: values[-1] for key, values in query.items()})
         except BadRequest as error:
             return self.reply(start_response, 400, {"error": str(error)})
-        return self.reply(start_response, status, body)
+        return self.reply(start_response, code, body)
 
     def authorised(self, environ):
         """Whether the request carries the bearer token (compared in constant time)."""
@@ -101,8 +104,9 @@ class Admin:
         return hmac.compare_digest(given.encode(), expected.encode())
 
     @staticmethod
-    def reply(start_response, status, body):
-        """Send ``body`` (text as is, anything else as one line of JSON)."""
+    def reply(start_response, code, body):
+        """Send ``body`` with HTTP status ``code`` (text as is, anything else as one line of
+        JSON)."""
         reasons = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
                    503: "Service Unavailable"}
         if isinstance(body, bytes):  # the Prometheus text format
@@ -111,7 +115,7 @@ class Admin:
             data, kind = body.encode(), "text/plain; charset=utf-8"
         else:
             data, kind = (json.dumps(body) + "\n").encode(), "application/json"
-        start_response(f"{status} {reasons[status]}",
+        start_response(f"{code} {reasons[code]}",
                        [("Content-Type", kind), ("Content-Length", str(len(data))),
                         ("Connection", "close")])
         return [data]
@@ -124,23 +128,24 @@ class Admin:
 
     def readyz(self, query):
         """200 when every route listens in every worker with a healthy destination."""
-        reasons = self.supervisor.readiness_problems()
+        reasons = self.fleet.readiness_problems()
         if reasons:
             return 503, "not ready\n" + "".join(f"{reason}\n" for reason in reasons)
         return 200, "ready\n"
 
     def status(self, query):
-        """Per route and worker: active/limit, queued, shed, destinations (JSON)."""
-        return 200, self.supervisor.status()
+        """Per-route totals over the workers: active/limit, queued, shed, destinations (JSON)."""
+        return 200, self.fleet.totals()
 
     def connections(self, query):
-        """Live connections of every worker, filtered and paginated (JSON)."""
-        unknown = set(query) - {"route", "client", "limit", "offset"}
+        """Live connections of every worker, filtered and paginated (JSON); ``stack=1`` adds
+        each one's greenlet stack."""
+        unknown = set(query) - {"route", "client", "limit", "offset", "stack"}
         if unknown:
             raise BadRequest(f"unknown query parameter {sorted(unknown)[0]!r}")
         limit = whole_number(query, "limit", PAGE_LIMIT, 1, PAGE_LIMIT_MAX)
         offset = whole_number(query, "offset", 0, 0, 10**12)
-        found = self.supervisor.connections()
+        found = self.fleet.connections(stacks=switch(query, "stack"))
         if query.get("route"):
             found = [c for c in found if c["route"] == query["route"]]
         if query.get("client"):
@@ -152,12 +157,12 @@ class Admin:
     def metrics(self, query):
         """Prometheus text over every worker (multiprocess files, summed), each worker asked
         first to publish what it counted since its last heartbeat."""
-        self.supervisor.ask_workers("flush")
-        return 200, metrics.render(self.supervisor.metrics_dir)
+        self.fleet.flush_metrics()
+        return 200, metrics.render(self.metrics_dir)
 
     def config(self, query):
         """The effective configuration, each value with where it came from (JSON)."""
-        values = self.supervisor.config.values
+        values = self.current_config().values
         return 200, {section: {key: {"value": value.text, "source": value.source}
                                for key, value in entries.items()}
                      for section, entries in values.items()}
@@ -175,3 +180,11 @@ def whole_number(query, name, default, low, high):
     if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise BadRequest(f"{name} must be a whole number from {low} to {high}")
     return int(text)
+
+
+def switch(query, name):
+    """``query[name]`` as a bool from ``0`` or ``1`` (absent or empty: False), or BadRequest."""
+    text = query.get(name) or "0"
+    if text not in ("0", "1"):
+        raise BadRequest(f"{name} must be 0 or 1")
+    return text == "1"

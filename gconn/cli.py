@@ -18,7 +18,7 @@ from . import log  # noqa: E402
 from .config import load  # noqa: E402
 from .errors import EXIT_CONFIG, EXIT_RUNTIME, ConfigError, Exit, StartupError  # noqa: E402
 from .sockets import raise_open_files_limit  # noqa: E402
-from .supervisor import Supervisor, capacity, worker_count, workers_needed  # noqa: E402
+from .supervisor import Supervisor, capacity, capacity_warnings, worker_count  # noqa: E402
 
 LOGGER = logging.getLogger("gconn")
 LIBEV_BACKENDS = ("epoll", "poll", "select")
@@ -45,15 +45,14 @@ def select_loop(config):
 
 
 def describe_capacity(config):
-    """Comment lines for --check-config: workers, descriptor limit, connections they hold."""
+    """Comment lines for --check-config: workers, descriptor limit, connections they hold, and
+    the same capacity warnings the supervisor logs."""
     limit = raise_open_files_limit()
     workers = worker_count(config)
-    held = capacity(limit, workers)
     wanted = sum(route.max_connections for route in config.routes)
-    lines = [f"; capacity: {workers} workers x ({limit} open files - reserve) / 2 = {held} "
-             f"forwarded connections; routes ask for {wanted}"]
-    if wanted > held:
-        lines.append(f"; warning: set workers = {workers_needed(wanted, limit)} to reach it")
+    lines = [f"; capacity: {workers} workers x ({limit} open files - reserve) / 2 = "
+             f"{capacity(limit, workers)} forwarded connections; routes ask for {wanted}"]
+    lines += [f"; warning: {warning}" for warning in capacity_warnings(config, limit)]
     return "\n".join(lines) + "\n"
 
 

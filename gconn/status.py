@@ -23,14 +23,14 @@ def fetch(admin, path, token=None):
         return json.loads(response.read())
 
 
-def render(status):
-    """The summary table as text."""
-    lines = [f"gconn: {status['workers_answering']}/{status['workers']} workers answering, "
-             f"generation {status['generation']}"]
+def render(totals):
+    """The summary table of ``totals`` (the ``/status`` JSON) as text."""
+    lines = [f"gconn: {totals['workers_answering']}/{totals['workers']} workers answering, "
+             f"generation {totals['generation']}"]
     header = f"{'route':<16} {'address':<22} {'active/limit':>14} {'queued':>8} " \
              f"{'admitted':>9}  shed  destinations (up/down)"
     lines.append(header)
-    for name, route in sorted(status["routes"].items()):
+    for name, route in sorted(totals["routes"].items()):
         shed = ", ".join(f"{reason}={count}" for reason, count in route["shed"].items()
                          if count) or "0"
         destinations = ", ".join(
@@ -60,7 +60,7 @@ def main(argv=None):
                   file=sys.stderr)
             return 2
     try:
-        status = fetch(options.admin, "/status", token)
+        totals = fetch(options.admin, "/status", token)
     except urllib.error.HTTPError as error:
         print(f"gconn status: {options.admin} answered {error.code}", file=sys.stderr)
         return 1
@@ -68,5 +68,5 @@ def main(argv=None):
         reason = getattr(error, "reason", error)
         print(f"gconn status: cannot read {options.admin}: {reason}", file=sys.stderr)
         return 1
-    print(json.dumps(status, indent=2) if options.json else render(status))
+    print(json.dumps(totals, indent=2) if options.json else render(totals))
     return 0

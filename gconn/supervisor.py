@@ -6,6 +6,8 @@ those methods are the signal table.  Pre-fork work touches no per-process state:
 re-initialises its hub, installs its own signals and leaves when the supervisor is gone.
 Workers report liveness by writing a monotonic timestamp into a shared page; a worker silent
 for worker-timeout is killed and replaced, a worker that dies is restarted with backoff.
+Asking the workers what they hold is the admin's (fleet.py); the supervisor only hands it a
+roster of its current workers.
 """
 
 import dataclasses
@@ -22,11 +24,12 @@ import time
 import gevent
 from gevent.queue import Empty, Queue
 
-from . import control, log, metrics
+from . import log, metrics
 from .admin import Admin
 from .config import load
 from .errors import ConfigError, StartupError
-from .sockets import DESCRIPTOR_RESERVE, listen, raise_open_files_limit
+from .fleet import Fleet, Roster
+from .sockets import connections_per_process, listen, raise_open_files_limit
 from .worker import worker_process
 
 LOGGER = logging.getLogger("gconn.supervisor")
@@ -44,19 +47,38 @@ HELD_SIGNALS = {getattr(signal, f"SIG{name}") for name in SIGNALS if name != "CH
 
 
 def capacity(open_files_limit, workers):
-    """How many forwarded connections ``workers`` processes can hold (two descriptors each)."""
-    return max(0, (open_files_limit - DESCRIPTOR_RESERVE) // 2) * workers
+    """How many forwarded connections ``workers`` processes can hold."""
+    return connections_per_process(open_files_limit) * workers
 
 
 def workers_needed(connections, open_files_limit):
     """The fewest workers that can hold ``connections`` forwarded connections."""
-    per_worker = max(1, (open_files_limit - DESCRIPTOR_RESERVE) // 2)
-    return -(-connections // per_worker)
+    return -(-connections // connections_per_process(open_files_limit))
 
 
 def worker_count(config):
     """The configured number of workers; 0 means one per CPU core."""
     return config.process.workers or os.cpu_count() or 1
+
+
+def capacity_warnings(config, open_files_limit):
+    """What ``config`` asks for that its workers cannot give, one sentence each (empty when it
+    fits): the supervisor logs these at start and reload, ``--check-config`` prints them."""
+    workers = worker_count(config)
+    wanted = sum(route.max_connections for route in config.routes)
+    held = capacity(open_files_limit, workers)
+    warnings = []
+    if wanted > held:
+        warnings.append(
+            f"max-connections over all routes is {wanted} but {workers} workers with an "
+            f"open-files limit of {open_files_limit} hold at most {held}; set workers = "
+            f"{workers_needed(wanted, open_files_limit)} to reach it")
+    for route in config.routes:
+        if route.max_connections < workers:
+            warnings.append(
+                f"route={route.name} max-connections {route.max_connections} is below the "
+                f"{workers} workers: each worker serves at most 1, so up to {workers} at once")
+    return warnings
 
 
 def reservation_key(route):
@@ -182,75 +204,6 @@ class Supervisor:
             routes.append(route)
         return dataclasses.replace(config, routes=tuple(routes))
 
-    # --- what the admin endpoint asks ------------------------------------------------------
-
-    def current_workers(self):
-        """The workers of the current generation that are not retiring."""
-        return [w for w in self.workers.values()
-                if w.generation == self.generation and not w.retiring]
-
-    def ask_workers(self, command):
-        """{pid: answer or None} from every current worker's control socket."""
-        pids = [w.pid for w in self.current_workers()]
-        return control.ask_all(self.control_dir, pids, command)
-
-    def readiness_problems(self):
-        """Why gconn is not ready (empty when it is): every route must listen in every
-        worker and have a destination to offer."""
-        if self.stopping:
-            return ["stopping"]
-        problems = [f"worker {index} not started" for index in self.wanted_indexes()]
-        current = self.current_workers()
-        problems += [f"worker {w.index} pid={w.pid} not listening yet" for w in current
-                     if not self.heartbeats.ready(w.slot)]
-        if problems:
-            return problems
-        for pid, state in sorted(self.ask_workers("state").items()):
-            if state is None:
-                problems.append(f"worker pid={pid} not answering")
-                continue
-            for name, route in state["routes"].items():
-                if not route["listening"]:
-                    problems.append(f"route {name}: not listening in worker pid={pid}")
-                if not route["serving"]:
-                    problems.append(f"route {name}: no healthy destination (worker pid={pid})")
-        return problems
-
-    def status(self):
-        """Per-route totals over the workers, with destinations up/down (for gconn status)."""
-        routes = {}
-        answers = self.ask_workers("state")
-        for state in answers.values():
-            if state is None:
-                continue
-            for name, route in state["routes"].items():
-                total = routes.setdefault(name, {
-                    "address": route["address"], "workers": 0, "active": 0, "limit": 0,
-                    "queued": 0, "max_queued": 0, "admitted": 0, "blocked_hosts": 0,
-                    "shed": dict.fromkeys(route["shed"], 0), "destinations": {}})
-                total["workers"] += 1
-                for key in ("active", "limit", "queued", "max_queued", "admitted",
-                            "blocked_hosts"):
-                    total[key] += route[key]
-                for reason, count in route["shed"].items():
-                    total["shed"][reason] += count
-                for destination in route["destinations"]:
-                    entry = total["destinations"].setdefault(
-                        destination["address"], {"up": 0, "down": 0, "active": 0})
-                    entry["up" if destination["healthy"] else "down"] += 1
-                    entry["active"] += destination["active"]
-        return {"generation": self.generation,
-                "workers": len(answers), "workers_answering": sum(
-                    1 for state in answers.values() if state is not None),
-                "routes": routes}
-
-    def connections(self):
-        """Every live connection of every current worker (admin only)."""
-        found = []
-        for answer in self.ask_workers("connections").values():
-            found.extend(answer or [])
-        return found
-
     def release_reservation(self, key):
         """Close a reserved address (and remove a unix socket's file)."""
         holder = self.reservations.pop(key)
@@ -262,20 +215,9 @@ class Supervisor:
                 pass
 
     def check_capacity(self, config):
-        """Log one warning when the routes' max-connections exceed what the workers can hold."""
-        workers = worker_count(config)
-        wanted = sum(route.max_connections for route in config.routes)
-        held = capacity(self.open_files, workers)
-        if wanted > held:
-            LOGGER.warning(
-                "max-connections over all routes is %d but %d workers with an open-files limit "
-                "of %d hold at most %d; set workers = %d to reach it", wanted, workers,
-                self.open_files, held, workers_needed(wanted, self.open_files))
-        for route in config.routes:
-            if route.max_connections < workers:
-                LOGGER.warning("route=%s max-connections %d is below the %d workers: each "
-                               "worker serves at most 1, so up to %d at once", route.name,
-                               route.max_connections, workers, workers)
+        """Log each capacity warning for ``config`` (see ``capacity_warnings``)."""
+        for warning in capacity_warnings(config, self.open_files):
+            LOGGER.warning("%s", warning)
 
     def run(self):
         """Start the workers, then dispatch signals and tend workers until stopped."""
@@ -284,7 +226,9 @@ class Supervisor:
         self.metrics_dir = metrics.setup()  # before any fork: workers inherit the metrics
         process = self.config.process
         if process.admin is not None:
-            self.admin = Admin(self, process.admin, self.admin_token)
+            fleet = Fleet(self.control_dir, self.roster, self.heartbeats)
+            self.admin = Admin(process.admin, self.admin_token, fleet, self.metrics_dir,
+                               lambda: self.config)
             self.admin.start()
         for name in SIGNALS:
             signum = getattr(signal, f"SIG{name}")
@@ -386,11 +330,20 @@ class Supervisor:
             worker.kill_at = deadline if worker.kill_at is None else min(worker.kill_at, deadline)
             self.kill(worker.pid, signum)
 
+    def current_workers(self):
+        """The workers of the current generation that are not retiring."""
+        return [w for w in self.workers.values()
+                if w.generation == self.generation and not w.retiring]
+
     def wanted_indexes(self):
         """Worker indexes of the current generation that have no live process."""
-        live = {w.index for w in self.workers.values()
-                if w.generation == self.generation and not w.retiring}
+        live = {w.index for w in self.current_workers()}
         return [index for index in range(worker_count(self.config)) if index not in live]
+
+    def roster(self):
+        """Who the current workers are and who is missing (what the admin's fleet asks)."""
+        return Roster(self.generation, self.stopping, tuple(self.current_workers()),
+                      tuple(self.wanted_indexes()))
 
     def spawn_workers(self):
         """Fork the missing workers of the current generation (respecting restart backoff);
@@ -458,8 +411,7 @@ class Supervisor:
         replacement)."""
         if self.wanted_indexes():
             return
-        current = [w for w in self.workers.values()
-                   if w.generation == self.generation and not w.retiring]
+        current = self.current_workers()
         pids = frozenset(w.pid for w in current)
         if pids != self.announced and all(self.heartbeats.ready(w.slot) for w in current):
             self.announced = pids
@@ -472,7 +424,7 @@ class Supervisor:
         """Collect exited workers; schedule replacements with backoff for young deaths."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -482,7 +434,7 @@ class Supervisor:
                 continue
             self.heartbeats.give_back(worker.slot)
             metrics.forget(pid)
-            code = os.waitstatus_to_exitcode(status)
+            code = os.waitstatus_to_exitcode(wait_status)
             how = describe_exit(code)
             if worker.retiring:
                 LOGGER.info("worker %d pid=%d finished (%s)", worker.index, pid, how)

@@ -15,6 +15,8 @@ import urllib.request
 import pytest
 from conftest import connect, echo_roundtrip, free_port
 
+from gconn.fleet import route_totals
+
 
 def get(daemon, path, token=None, timeout=10):
     """(status, body text) of GET path on the daemon's admin endpoint."""
@@ -161,9 +163,11 @@ def test_bad_paths_and_queries(start_daemon):
     daemon = start_daemon("--workers", "1", "--bind", "127.0.0.1:0",
                           "--destination", f"127.0.0.1:{free_port()}")
     assert get(daemon, "/nope")[0] == 404
-    for query in ("limit=0", "limit=abc", "offset=-1", "colour=blue"):
+    for query in ("limit=0", "limit=abc", "offset=-1", "colour=blue", "stack=2", "stack=yes"):
         status, body = get(daemon, f"/connections?{query}")
         assert status == 400 and body.count("\n") == 1 and "error" in json.loads(body)
+    assert get(daemon, "/connections?stack=2") == (400, '{"error": "stack must be 0 or 1"}\n')
+    assert get(daemon, "/connections?stack=0")[0] == 200
 
 
 def test_admin_beyond_loopback_needs_a_token(start_daemon, tmp_path):
@@ -205,6 +209,26 @@ def test_gconn_status_prints_a_summary_per_route(start_echo, start_daemon):
     down = subprocess.run([sys.executable, "-m", "gconn", "status", "--admin",
                            f"127.0.0.1:{free_port()}"], capture_output=True, text=True)
     assert down.returncode == 1 and "cannot read" in down.stderr
+
+
+def worker_report(active, healthy):
+    """One worker's control-socket report with one route and one destination."""
+    return {"routes": {"default": {
+        "address": "127.0.0.1:6446", "listening": True, "serving": healthy, "active": active,
+        "limit": 25, "queued": 1, "max_queued": 10, "admitted": 7 * active, "blocked_hosts": 0,
+        "shed": {"queue_full": active, "queue_timeout": 0},
+        "destinations": [{"address": "127.0.0.1:9001", "healthy": healthy, "active": active}]}}}
+
+
+def test_route_totals_sum_the_workers_that_answered():
+    """/status totals: counts and shed reasons summed, a destination up/down per worker, a
+    worker that did not answer left out."""
+    totals = route_totals([worker_report(3, True), None, worker_report(2, False)])
+    assert totals == {"default": {
+        "address": "127.0.0.1:6446", "workers": 2, "active": 5, "limit": 50, "queued": 2,
+        "max_queued": 20, "admitted": 35, "blocked_hosts": 0,
+        "shed": {"queue_full": 5, "queue_timeout": 0},
+        "destinations": {"127.0.0.1:9001": {"up": 1, "down": 1, "active": 5}}}}
 
 
 def scrape(daemon):

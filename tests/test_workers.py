@@ -4,13 +4,18 @@ import collections
 import hashlib
 import os
 import re
+import resource
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import psutil
 import pytest
-from conftest import connect, echo_roundtrip, which_tag
+from conftest import Daemon, connect, echo_roundtrip, which_tag
+
+from gconn.supervisor import capacity, workers_needed
 
 STREAM = 4 * 1024 * 1024  # bytes each verified stream sends in two halves
 
@@ -210,9 +215,6 @@ def test_process_titles_tell_supervisor_from_worker(start_echo, start_daemon):
 @pytest.mark.timeout(120)
 def test_out_of_descriptors_pauses_accepts_without_harming_live_ones(start_echo, processes):
     """A worker out of descriptors logs once, pauses accepting, keeps live streams whole."""
-    import resource
-
-    from conftest import Daemon
     echo = start_echo()
     limit = 160  # open files for the whole daemon: about 40 forwarded connections fit
 
@@ -312,3 +314,37 @@ def test_every_event_loop_choice_forwards(loop, start_echo, start_daemon):
                           "--destination", echo.address)
     data = os.urandom(2 * 1024 * 1024)
     assert echo_roundtrip(daemon.port(), data) == (hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_capacity_is_two_descriptors_per_connection_after_the_reserve():
+    """capacity and workers_needed count (limit - 64) // 2 connections per worker."""
+    assert capacity(200, 2) == 136
+    assert workers_needed(136, 200) == 2
+    assert workers_needed(137, 200) == 3
+    assert workers_needed(1000, 200) == 15
+
+
+def test_check_config_prints_the_capacity_warnings_the_supervisor_logs(tmp_path, processes):
+    """Too few descriptors and a route below the worker count: --check-config prints the same
+    two warnings the supervisor logs at start."""
+    path = tmp_path / "gconn.conf"
+    path.write_text("[gconn]\nworkers = 3\nadmin = 127.0.0.1:0\n"
+                    "[route:big]\nbind = 127.0.0.1:0\ndestinations = 127.0.0.1:9\n"
+                    "max-connections = 1000\n"
+                    "[route:small]\nbind = 127.0.0.1:0\ndestinations = 127.0.0.1:9\n"
+                    "max-connections = 2\n")
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+    result = subprocess.run([sys.executable, "-m", "gconn", "-c", str(path), "--check-config"],
+                            capture_output=True, text=True, preexec_fn=low_limit, timeout=30)
+    assert result.returncode == 0, result.stderr
+    warnings = [line.removeprefix("; warning: ") for line in result.stdout.splitlines()
+                if line.startswith("; warning: ")]
+    assert len(warnings) == 2, result.stdout
+    assert "set workers = 15" in warnings[0] and "route=small" in warnings[1]
+    daemon = Daemon(["-c", str(path)], preexec=low_limit)
+    processes.append(daemon)
+    for warning in warnings:
+        daemon.wait_contains(warning)  # the supervisor logs the very same sentence
