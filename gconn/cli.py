@@ -16,7 +16,7 @@ import gevent  # noqa: E402
 
 from . import log  # noqa: E402
 from .config import load  # noqa: E402
-from .errors import EXIT_CONFIG, EXIT_RUNTIME, ConfigError, Exit, StartupError  # noqa: E402
+from .errors import EXIT_CONFIG, EXIT_RUNTIME, ConfigError, StartupError  # noqa: E402
 from .sockets import raise_open_files_limit  # noqa: E402
 from .supervisor import Supervisor, capacity, capacity_warnings, worker_count  # noqa: E402
 
@@ -108,9 +108,5 @@ def main(argv=None):
         LOGGER.error("%s", error)
         print(f"gconn: {error}", file=sys.stderr)
         return EXIT_RUNTIME
-    except Exit as exit_request:
-        if exit_request.message:
-            print(f"gconn: {exit_request.message}", file=sys.stderr)
-        return exit_request.code
     except KeyboardInterrupt:
         return 0

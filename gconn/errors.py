@@ -1,8 +1,8 @@
 """The error tree of gconn and its named exit codes.
 
-Errors are sorted by whose fault they are (the config's, the client's, the destination's), never
-recognised by their text.  Process exit travels as ``Exit``, a ``BaseException`` carrying a named
-exit code, the way gunicorn's ``HaltServer`` does.  Nothing here does I/O.
+Errors are sorted by whose fault they are (the config's, the environment's, the destination's,
+a client's turn refused), never recognised by their text.  The entry point (cli.py) turns
+ConfigError into EXIT_CONFIG and StartupError into EXIT_RUNTIME.  Nothing here does I/O.
 """
 
 EXIT_RUNTIME = 1  # the environment said no: port in use, permission denied, descriptors
@@ -53,12 +53,3 @@ class Shed(GconnError):
     def __init__(self, reason, message):
         self.reason = reason
         super().__init__(message)
-
-
-class Exit(BaseException):
-    """Leave the process with ``code``: passes through everything, caught in the entry point."""
-
-    def __init__(self, code, message=None):
-        self.code = code
-        self.message = message
-        super().__init__(code, message)
