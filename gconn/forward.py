@@ -25,6 +25,7 @@ read shorter than a pipe's capacity returns it to copying.
 """
 
 import errno
+import logging
 import os
 import socket
 
@@ -33,6 +34,7 @@ from greenlet import getcurrent
 
 from . import local
 
+LOGGER = logging.getLogger("gconn.forward")
 _buffers = {}  # size in bytes -> memoryview over one bytearray shared by every pump in the process
 SPLICE = hasattr(os, "splice")  # Linux, Python 3.10+
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -335,7 +337,9 @@ class Pump:
     def fail(self, client_side, error):
         """A socket error on one side: that side closed the connection; stop both ways."""
         side = "client" if client_side else "destination"
-        local.set_error(f"{side}_error", f"{side}: {error.strerror or error}")
+        message = f"{side}: {error.strerror or error}"
+        local.set_error(f"{side}_error", message)
+        LOGGER.debug("forwarding ends: %s", message)
         self.outcome = f"{side}_closed"
 
     def stop(self):

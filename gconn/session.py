@@ -137,6 +137,8 @@ class Session:
         self.upstream, self.destination = connect_destination(route, candidates)
         self.context.destination = self.destination.name
         self.context.phase = "draining" if route.draining else "forwarding"
+        LOGGER.debug("forwarding client=%s destination=%s", self.context.client,
+                     self.context.destination)  # conn= comes from this greenlet's context
         config = route.config
         self.pump = Pump(self.client, self.upstream, config.buffer_size, config.splice)
         return self.pump.run(config.idle_timeout)

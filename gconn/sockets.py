@@ -274,6 +274,17 @@ def process_usage():
     return len(os.listdir("/proc/self/fd")), soft, resident
 
 
+def open_sockets():
+    """How many sockets this process has open (from /proc: once, at a worker's end)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:  # the descriptor listdir itself used, closed since
+            pass
+    return count
+
+
 def connections_per_process(open_files_limit):
     """Forwarded connections one process with ``open_files_limit`` descriptors can hold: two
     descriptors each (client and destination), less a reserve.  The one place this is said."""

@@ -22,7 +22,7 @@ from . import log, metrics
 from .control import ControlServer
 from .registry import Registry
 from .route import Route
-from .sockets import process_usage
+from .sockets import open_sockets, process_usage
 
 LOGGER = logging.getLogger("gconn.worker")
 
@@ -118,7 +118,7 @@ class Worker:
             LOGGER.info("closed %d connections still live", left)
         for route in self.routes:
             LOGGER.info("%s", route.summary())
-        LOGGER.info("worker stopped")
+        LOGGER.info("worker stopped live=%d sockets=%d", len(self.registry), open_sockets())
 
 
 class MemoryTrimmer:

@@ -214,8 +214,9 @@ def test_gconn_status_prints_a_summary_per_route(start_echo, start_daemon):
 def worker_report(active, healthy):
     """One worker's control-socket report with one route and one destination."""
     return {"routes": {"default": {
-        "address": "127.0.0.1:6446", "listening": True, "serving": healthy, "active": active,
-        "limit": 25, "queued": 1, "max_queued": 10, "admitted": 7 * active, "blocked_hosts": 0,
+        "address": "127.0.0.1:6446", "listening": True, "serving": healthy,
+        "greenlets": active + 1, "pool_size": 35, "active": active, "limit": 25, "queued": 1,
+        "max_queued": 10, "admitted": 7 * active, "blocked_hosts": 0,
         "shed": {"queue_full": active, "queue_timeout": 0},
         "destinations": [{"address": "127.0.0.1:9001", "healthy": healthy, "active": active}]}}}
 
@@ -225,7 +226,8 @@ def test_route_totals_sum_the_workers_that_answered():
     worker that did not answer left out."""
     totals = route_totals([worker_report(3, True), None, worker_report(2, False)])
     assert totals == {"default": {
-        "address": "127.0.0.1:6446", "workers": 2, "active": 5, "limit": 50, "queued": 2,
+        "address": "127.0.0.1:6446", "workers": 2, "greenlets": 7, "pool_size": 70,
+        "active": 5, "limit": 50, "queued": 2,
         "max_queued": 20, "admitted": 35, "blocked_hosts": 0,
         "shed": {"queue_full": 5, "queue_timeout": 0},
         "destinations": {"127.0.0.1:9001": {"up": 1, "down": 1, "active": 5}}}}
