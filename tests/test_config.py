@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gconn.settings import render_example_config, render_option_table
+from gconn.docs import render_example_config, render_option_table
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROUTE = "[route:a]\nbind = 127.0.0.1:0\ndestinations = 127.0.0.1:9\n"
