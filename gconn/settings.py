@@ -293,7 +293,8 @@ SETTINGS = (
     Setting("strategy", ROUTE, one_of(STRATEGIES), "first-available",
             "how a destination is picked for each new connection"),
     Setting("max-connections", ROUTE, integer_between(1, 10_000_000), "10000",
-            "forwarded connections served at once; further clients wait in the listen backlog"),
+            "forwarded connections served at once, over all workers; further clients wait in "
+            "the queue (up to max-queued, for at most queue-timeout), then are shed"),
     Setting("backlog", ROUTE, integer_between(1, 1_000_000), "4096",
             "the listen backlog: accepted-by-kernel clients not yet taken by gconn"),
     Setting("max-queued", ROUTE, integer_between(0, 10_000_000), "1000",
