@@ -1,15 +1,17 @@
 """Load and validate gconn's configuration into immutable values, remembering where each came from.
 
-ConfigArgParse reads the command line, the ``GCONN_*`` environment and the config file and applies
-the precedence flag > environment > file > built-in default: ``-c/--config`` is its config-file
-argument, and every setting is a flag with its own environment variable and default.  Its
-ConfigFileParser here, ``IniFile``, hands it the ``[gconn]`` keys (which it merges like any
-flag) and keeps the ``[route:NAME]`` sections, with their line numbers, for ``load`` to merge per
-route: a flag or environment value applies to every route, then the route's own key, then
-``[gconn]``'s, then the default.  Each value's origin is the source ConfigArgParse recorded for it
-(``get_source_to_settings_dict``) with IniFile's line numbers.  ``--bind`` with ``--destination``
-adds one route (named by ``--route-name``).  The only I/O is reading the config file; every error
-is a ConfigError naming the file, line, key, value and what is allowed.
+Apart from reading the config file this is pure: no sockets.  Every bad setting is a ConfigError
+naming the file, line, key, value and what is allowed; argparse itself exits only for --help,
+--version and a malformed command line.
+
+How it works: ConfigArgParse reads the command line, the ``GCONN_*`` environment and the file and
+applies flag > environment > file > default; ``-c/--config`` is its config-file argument and
+every setting a flag with its own environment variable and default.  ``IniFile``, its
+ConfigFileParser, hands it the ``[gconn]`` keys and keeps the ``[route:NAME]`` sections (with line
+numbers) for ``load`` to merge per route: a flag or environment value, else the route's own key,
+else ``[gconn]``'s or the default.  Each value's origin is the source ConfigArgParse recorded
+(``get_source_to_settings_dict``) plus IniFile's line number.  ``--bind`` with ``--destination``
+add one route, named by ``--route-name``.
 """
 
 import dataclasses
@@ -187,8 +189,9 @@ class IniFile(configargparse.ConfigFileParser):
 
 
 def build_parser(ini_file, prog="gconn"):
-    """The ConfigArgParse parser: every setting as a flag with its environment variable and
-    default, -c reading ``ini_file``'s format, plus actions.
+    """The ConfigArgParse parser: each setting a flag with env variable and default; -c a file.
+
+    ``ini_file`` (an IniFile) reads the file given by -c or GCONN_CONFIG.
 
     Abbreviated flags are refused: ConfigArgParse would not see ``--connect-t`` as the
     ``--connect-timeout`` that overrides the file, and the provenance would name the file.

@@ -227,8 +227,8 @@ def test_a_bad_file_value_that_a_flag_overrides_is_not_checked(tmp_path):
 
 
 def test_an_empty_switch_value_is_as_if_not_given(tmp_path):
-    """admin-insecure left empty, in the file as in GCONN_ADMIN_INSECURE, keeps the default
-    (ConfigArgParse skips empty values of a flag whose value is optional)."""
+    """An empty admin-insecure, in the file as in the environment, keeps the default."""
+    # ConfigArgParse skips an empty value for a flag whose value is optional (nargs="?")
     in_file = write_config(tmp_path, "[gconn]\nadmin-insecure =\n" + ROUTE)
     config, _ = load(["-c", in_file], environ={})
     assert config.values["gconn"]["admin-insecure"] == Value("no", "default")
