@@ -1,10 +1,17 @@
 """Load and validate gconn's configuration into immutable values, remembering where each came from.
 
-Precedence: command-line flag > ``GCONN_*`` environment > config file > built-in default.  A route
-option given as a flag or in the environment applies to every route; ``--bind`` with
-``--destination`` adds one route (named by ``--route-name``).  Everything here is pure: it reads
-the config file's text and never opens a socket.  Every error is a ConfigError naming the file,
-line, key, value and what is allowed.
+Apart from reading the config file this is pure: no sockets.  Every bad setting is a ConfigError
+naming the file, line, key, value and what is allowed; argparse itself exits only for --help,
+--version and a malformed command line.
+
+How it works: ConfigArgParse reads the command line, the ``GCONN_*`` environment and the file and
+applies flag > environment > file > default; ``-c/--config`` is its config-file argument and
+every setting a flag with its own environment variable and default.  ``IniFile``, its
+ConfigFileParser, hands it the ``[gconn]`` keys and keeps the ``[route:NAME]`` sections (with line
+numbers) for ``load`` to merge per route: a flag or environment value, else the route's own key,
+else ``[gconn]``'s or the default.  Each value's origin is the source ConfigArgParse recorded
+(``get_source_to_settings_dict``) plus IniFile's line number.  ``--bind`` with ``--destination``
+add one route, named by ``--route-name``.
 """
 
 import dataclasses
@@ -16,17 +23,16 @@ import configargparse
 
 from . import __version__
 from .errors import ConfigError
-from .settings import (
-    BY_NAME,
-    PROCESS,
-    PROCESS_SETTINGS,
-    ROUTE,
-    ROUTE_ONLY,
-    ROUTE_SETTINGS,
-    SETTINGS,
-)
+from .settings import BY_NAME, PROCESS_SETTINGS, ROUTE_ONLY, ROUTE_SETTINGS, SETTINGS
 
 DEFAULT_ROUTE_NAME = "default"  # the route made of --bind and --destination
+GCONN_KEYS = tuple(s.name for s in SETTINGS if s.scope != ROUTE_ONLY)  # allowed in [gconn]
+ROUTE_KEYS = tuple(s.name for s in ROUTE_SETTINGS)  # allowed in [route:NAME]
+# ConfigArgParse's names for where a value came from (get_source_to_settings_dict's keys)
+COMMAND_LINE = "command_line"
+ENVIRONMENT = "environment_variables"
+CONFIG_FILE = "config_file"  # followed by "|" and the file's path
+DEFAULTS = "defaults"
 _SECTION = re.compile(r"^\[\s*([^\]]+?)\s*\]$")
 _ROUTE_SECTION = re.compile(r"^route\s*:\s*")
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -68,43 +74,38 @@ class Config:
 
 
 @dataclasses.dataclass
-class _Section:
+class Section:
+    """One ``[name]`` of the config file: its header's line and its keys with their lines."""
+
     name: str
     line: int
     entries: dict  # key -> (text, line)
 
 
-def build_parser(prog="gconn"):
-    """The command-line parser: every setting as a flag and environment variable, plus actions."""
-    parser = configargparse.ArgParser(
-        prog=prog, description="gconn: a TCP connection router on gevent greenlets.",
-        formatter_class=configargparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-c", "--config", env_var="GCONN_CONFIG", metavar="FILE",
-                        help="INI config file with [gconn] and [route:NAME] sections")
-    parser.add_argument("--check-config", action="store_true",
-                        help="validate, print the effective config with its origins, exit")
-    parser.add_argument("--version", action="version", version=f"gconn {__version__}")
-    parser.add_argument("--route-name", env_var="GCONN_ROUTE_NAME", default=None,
-                        help=f"name of the route given by --bind (default {DEFAULT_ROUTE_NAME})")
-    for setting in SETTINGS:
-        switch = {"nargs": "?", "const": setting.bare} if setting.bare else {}
-        parser.add_argument(
-            setting.option, dest=setting.attribute, env_var=setting.env, default=None,
-            action="append" if setting.repeatable else "store", metavar=setting.allowed,
-            help=setting.help + (f" (default {setting.default})" if setting.default else ""),
-            **switch)
-    return parser
+@dataclasses.dataclass(frozen=True)
+class ConfigFile:
+    """The config file as ConfigArgParse's stream, read only when IniFile parses it.
+
+    ConfigArgParse turns an error from its open function into a usage message; reading here
+    instead keeps gconn's one-line ConfigError naming the file.
+    """
+
+    name: str  # the path; ConfigArgParse's streams are named by it
+
+    def read(self):
+        """The file's text; ConfigError if it cannot be read or is not UTF-8."""
+        try:
+            with open(self.name, encoding="utf-8") as stream:
+                return stream.read()
+        except OSError as error:
+            raise ConfigError(f"cannot read config file: {error.strerror}",
+                              source=self.name) from None
+        except UnicodeDecodeError:
+            raise ConfigError("config file is not UTF-8 text", source=self.name) from None
 
 
-def read_ini(path):
-    """Read an INI file into sections with line numbers; raise ConfigError on unreadable text."""
-    try:
-        with open(path, encoding="utf-8") as stream:
-            text = stream.read()
-    except OSError as error:
-        raise ConfigError(f"cannot read config file: {error.strerror}", source=path) from None
-    except UnicodeDecodeError:
-        raise ConfigError("config file is not UTF-8 text", source=path) from None
+def read_sections(text, path):
+    """Split INI text into Sections with line numbers; ConfigError on a line that is not INI."""
     sections = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = _INLINE_COMMENT.sub("", raw).strip()
@@ -112,7 +113,7 @@ def read_ini(path):
             continue
         header = _SECTION.match(line)
         if header:
-            sections.append(_Section(_ROUTE_SECTION.sub("route:", header.group(1)), number, {}))
+            sections.append(Section(_ROUTE_SECTION.sub("route:", header.group(1)), number, {}))
             continue
         key, equals, value = line.partition("=")
         source = f"{path}:{number}"
@@ -128,6 +129,199 @@ def read_ini(path):
     return sections
 
 
+class IniFile(configargparse.ConfigFileParser):
+    """gconn's INI format for ConfigArgParse: [gconn] keys go to it, [route:NAME] sections stay.
+
+    ``parse`` returns the [gconn] keys under their flags, so ConfigArgParse merges them with the
+    command line, environment and defaults; afterwards ``path``, ``lines`` ({flag: line}) and
+    ``routes`` (Sections in file order) tell ``load`` where the file's values stand.  Every
+    mistake is a ConfigError: ConfigArgParse's own exception would print a usage message.
+    """
+
+    def __init__(self):
+        self.path = None  # the file parsed; None without one
+        self.lines = {}  # flag of a [gconn] key -> its line
+        self.routes = []  # the [route:NAME] Sections, in file order
+
+    def get_syntax_description(self):
+        """The config file's format, for --help."""
+        return ("It is INI: [gconn] holds process settings and the defaults of every route, "
+                "each [route:NAME] one route (its bind, destinations and route settings); "
+                "write key = value with the flag's name (destinations for --destination); "
+                "; or # starts a comment.")
+
+    def parse(self, stream):
+        """{flag: text} of [gconn]; keep the route sections; ConfigError on any mistake."""
+        self.path = stream.name
+        given = {}
+        seen_gconn = False
+        for section in read_sections(stream.read(), self.path):
+            where = f"{self.path}:{section.line}"
+            if section.name == "gconn":
+                if seen_gconn:
+                    raise ConfigError("section [gconn] given twice", source=where)
+                seen_gconn = True
+                for key, (text, line) in section.entries.items():
+                    self._check_key(key, line, "gconn", GCONN_KEYS)
+                    given[BY_NAME[key].option] = text
+                    self.lines[BY_NAME[key].option] = line
+            elif section.name.startswith("route:"):
+                name = section.name[len("route:"):].strip()
+                if not _ROUTE_NAME.match(name):
+                    raise ConfigError(f"bad route name {name!r}: use letters, digits, . _ -",
+                                      source=where)
+                if any(other.name == section.name for other in self.routes):
+                    raise ConfigError(f"route {name!r} defined twice", source=where)
+                for key, (_, line) in section.entries.items():
+                    self._check_key(key, line, section.name, ROUTE_KEYS)
+                self.routes.append(section)
+            else:
+                raise ConfigError(f"unknown section [{section.name}]; allowed: [gconn], "
+                                  "[route:NAME]", source=where)
+        return given
+
+    def _check_key(self, key, line, section, allowed):
+        """ConfigError unless ``key`` is one of ``allowed`` in ``section``."""
+        if key not in allowed:
+            place = "[gconn]" if section == "gconn" else "a route"
+            raise ConfigError(f"unknown key; allowed in {place}: {', '.join(allowed)}",
+                              source=f"{self.path}:{line}", key=key, section=section)
+
+
+def build_parser(ini_file, prog="gconn"):
+    """The ConfigArgParse parser: each setting a flag with env variable and default; -c a file.
+
+    ``ini_file`` (an IniFile) reads the file given by -c or GCONN_CONFIG.
+
+    Abbreviated flags are refused: ConfigArgParse would not see ``--connect-t`` as the
+    ``--connect-timeout`` that overrides the file, and the provenance would name the file.
+    """
+    parser = configargparse.ArgParser(
+        prog=prog, description="gconn: a TCP connection router on gevent greenlets.",
+        formatter_class=configargparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+        config_file_parser_class=ini_file, config_file_open_func=ConfigFile)
+    parser.add_argument("-c", "--config", is_config_file=True, env_var="GCONN_CONFIG",
+                        metavar="FILE",
+                        help="INI config file with [gconn] and [route:NAME] sections")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate, print the effective config with its origins, exit")
+    parser.add_argument("--version", action="version", version=f"gconn {__version__}")
+    parser.add_argument("--route-name", env_var="GCONN_ROUTE_NAME", default=None,
+                        help=f"name of the route given by --bind (default {DEFAULT_ROUTE_NAME})")
+    for setting in SETTINGS:
+        switch = {"nargs": "?", "const": setting.bare} if setting.bare else {}
+        parser.add_argument(
+            setting.option, dest=setting.attribute, env_var=setting.env,
+            default=setting.default, action="append" if setting.repeatable else "store",
+            metavar=setting.allowed, help=setting.help, **switch)
+    return parser
+
+
+def _origins(parser, ini_file):
+    """{setting name: (ConfigArgParse source, where)} for each setting it set, after parsing.
+
+    ``where`` is what --check-config prints: ``flag --name``, ``env GCONN_NAME``,
+    ``path:line`` or ``default``.  ConfigArgParse records the command line as a whole, so a
+    setting is from there when its flag stands in it.
+    """
+    by_attribute = {setting.attribute: setting for setting in SETTINGS}
+    found = {}
+    for source, entries in parser.get_source_to_settings_dict().items():
+        if source == COMMAND_LINE:
+            _, arguments = entries[""]
+            for setting in SETTINGS:
+                if configargparse.already_on_command_line(arguments, [setting.option],
+                                                          parser.prefix_chars):
+                    found[setting.name] = (source, f"flag {setting.option}")
+            continue
+        for key, (action, _) in entries.items():
+            setting = by_attribute.get(action.dest)
+            if setting is None:  # -c or --route-name from the environment
+                continue
+            if source == ENVIRONMENT:
+                found[setting.name] = (source, f"env {key}")
+            elif source.startswith(CONFIG_FILE):
+                found[setting.name] = (source, f"{ini_file.path}:{ini_file.lines[key]}")
+            elif source == DEFAULTS:
+                found[setting.name] = (source, "default")
+    return found
+
+
+def load(argv=None, environ=None):
+    """Parse flags, environment and config file into (Config, namespace); raise ConfigError."""
+    environ = os.environ if environ is None else environ
+    ini_file = IniFile()
+    parser = build_parser(ini_file)
+    options = parser.parse_args(argv, env_vars=environ)
+    merged, overrides = {}, set()  # ConfigArgParse's value of each setting; those flag or env set
+    for name, (source, where) in _origins(parser, ini_file).items():
+        raw = getattr(options, BY_NAME[name].attribute)
+        merged[name] = Value(", ".join(raw) if BY_NAME[name].repeatable else raw, where)
+        if source in (COMMAND_LINE, ENVIRONMENT):
+            overrides.add(name)
+
+    routes, values = [], {"gconn": {s.name: merged[s.name] for s in PROCESS_SETTINGS}}
+    for section_name, origin, given in _route_inputs(ini_file, options, merged):
+        route_values = {}
+        for setting in ROUTE_SETTINGS:
+            if setting.scope == ROUTE_ONLY:
+                if setting.name not in given:
+                    raise ConfigError(f"route has no {setting.name}", source=origin,
+                                      key=setting.name, section=section_name)
+                route_values[setting.name] = given[setting.name]
+            elif setting.name in given and setting.name not in overrides:
+                route_values[setting.name] = given[setting.name]
+            else:
+                route_values[setting.name] = merged[setting.name]
+        values[section_name] = route_values
+        routes.append(_route_config(section_name, route_values))
+
+    _check_distinct_binds(routes, values)
+    process = ProcessConfig(**{
+        BY_NAME[key].attribute: _check(BY_NAME[key], value.text, value.source, "gconn")
+        for key, value in values["gconn"].items()})
+    _check_admin_exposure(process, values["gconn"])
+    return Config(path=ini_file.path, process=process, routes=tuple(routes),
+                  values=values), options
+
+
+def _route_inputs(ini_file, options, merged):
+    """(section name, origin, {key: Value}) of each route: the file's, then the command line's."""
+    inputs = []
+    for section in ini_file.routes:
+        given = {key: Value(text, f"{ini_file.path}:{line}")
+                 for key, (text, line) in section.entries.items()}
+        inputs.append((section.name, f"{ini_file.path}:{section.line}", given))
+    if "bind" in merged or "destinations" in merged:
+        name = options.route_name or DEFAULT_ROUTE_NAME
+        given = {key: merged[key] for key in ("bind", "destinations") if key in merged}
+        origin = next(iter(given.values())).source
+        if not _ROUTE_NAME.match(name):
+            raise ConfigError(f"bad route name {name!r}: use letters, digits, . _ -",
+                              source="flag --route-name", key="route-name")
+        if any(section_name == f"route:{name}" for section_name, _, _ in inputs):
+            raise ConfigError(f"route {name!r} from the command line is also in the file; "
+                              "choose another --route-name", source=origin)
+        inputs.append((f"route:{name}", origin, given))
+    if not inputs:
+        raise ConfigError("no route: give --bind and --destination, or a [route:NAME] section "
+                          "in a config file (-c FILE)", source=ini_file.path)
+    return inputs
+
+
+def _route_config(section_name, route_values):
+    """The RouteConfig of one route's effective Values; ConfigError naming a bad one."""
+    parsed = {BY_NAME[key].attribute: _check(BY_NAME[key], value.text, value.source,
+                                               section_name)
+              for key, value in route_values.items()}
+    if parsed["strategy"] != "round-robin-with-fallback" and any(
+            spec.backup for spec in parsed["destinations"]):
+        raise ConfigError("'backup' destinations need strategy round-robin-with-fallback",
+                          source=route_values["destinations"].source, key="destinations",
+                          section=section_name)
+    return RouteConfig(name=section_name[len("route:"):], **parsed)
+
+
 def _check(setting, text, source, section):
     """Parse ``text`` for ``setting`` or raise a ConfigError naming all that went in."""
     try:
@@ -135,127 +329,6 @@ def _check(setting, text, source, section):
     except ValueError as error:
         raise ConfigError(f"bad value {text!r}: {error}", source=source, key=setting.name,
                           section=section) from None
-
-
-def _command_line_values(namespace, sources):
-    """{setting name: Value} for every setting given as a flag or in the environment."""
-    from_env = sources.get("environment_variables", {})
-    given = {}
-    for setting in SETTINGS:
-        raw = getattr(namespace, setting.attribute)
-        if raw is None:
-            continue
-        text = ", ".join(raw) if setting.repeatable else raw
-        origin = f"env {setting.env}" if setting.env in from_env else f"flag {setting.option}"
-        given[setting.name] = Value(text, origin)
-    return given
-
-
-def load(argv=None, environ=None):
-    """Parse flags, environment and config file into (Config, namespace); raise ConfigError."""
-    environ = os.environ if environ is None else environ
-    parser = build_parser()
-    namespace = parser.parse_args(argv, env_vars=environ)
-    sources = parser.get_source_to_settings_dict()
-    overrides = _command_line_values(namespace, sources)
-    sections = read_ini(namespace.config) if namespace.config else []
-    return _assemble(namespace, overrides, sections), namespace
-
-
-def _assemble(namespace, overrides, sections):
-    """Combine defaults, file sections and overrides into a validated Config."""
-    path = namespace.config
-    defaults = {s.name: Value(s.default, "default") for s in SETTINGS if s.default is not None}
-    route_sections = []
-    seen_gconn = False
-    for section in sections:
-        if section.name == "gconn":
-            if seen_gconn:
-                raise ConfigError("section [gconn] given twice", source=f"{path}:{section.line}")
-            seen_gconn = True
-            for key, (text, line) in section.entries.items():
-                setting = BY_NAME.get(key)
-                if setting is None or setting.scope == ROUTE_ONLY:
-                    allowed = ", ".join(s.name for s in SETTINGS if s.scope != ROUTE_ONLY)
-                    raise ConfigError(f"unknown key; allowed in [gconn]: {allowed}",
-                                      source=f"{path}:{line}", key=key, section="gconn")
-                defaults[key] = Value(text, f"{path}:{line}")
-        elif section.name.startswith("route:"):
-            name = section.name[len("route:"):].strip()
-            if not _ROUTE_NAME.match(name):
-                raise ConfigError(f"bad route name {name!r}: use letters, digits, . _ -",
-                                  source=f"{path}:{section.line}")
-            if any(other.name == section.name for other in route_sections):
-                raise ConfigError(f"route {name!r} defined twice",
-                                  source=f"{path}:{section.line}")
-            route_sections.append(section)
-        else:
-            raise ConfigError(f"unknown section [{section.name}]; allowed: [gconn], "
-                              "[route:NAME]", source=f"{path}:{section.line}")
-
-    process_values = {}
-    for setting in PROCESS_SETTINGS:
-        process_values[setting.name] = overrides.get(setting.name, defaults[setting.name])
-    values = {"gconn": process_values}
-
-    route_inputs = []
-    for section in route_sections:
-        given = {}
-        for key, (text, line) in section.entries.items():
-            setting = BY_NAME.get(key)
-            if setting is None or setting.scope == PROCESS:
-                allowed = ", ".join(s.name for s in ROUTE_SETTINGS)
-                raise ConfigError(f"unknown key; allowed in a route: {allowed}",
-                                  source=f"{path}:{line}", key=key, section=section.name)
-            given[key] = Value(text, f"{path}:{line}")
-        route_inputs.append((section.name, f"{path}:{section.line}", given))
-
-    if "bind" in overrides or "destinations" in overrides:
-        name = namespace.route_name or DEFAULT_ROUTE_NAME
-        given = {key: overrides[key] for key in ("bind", "destinations") if key in overrides}
-        origin = next(iter(given.values())).source
-        if not _ROUTE_NAME.match(name):
-            raise ConfigError(f"bad route name {name!r}: use letters, digits, . _ -",
-                              source="flag --route-name", key="route-name")
-        if any(section_name == f"route:{name}" for section_name, _, _ in route_inputs):
-            raise ConfigError(f"route {name!r} from the command line is also in the file; "
-                              "choose another --route-name", source=origin)
-        route_inputs.append((f"route:{name}", origin, given))
-
-    if not route_inputs:
-        raise ConfigError("no route: give --bind and --destination, or a [route:NAME] section "
-                          "in a config file (-c FILE)", source=path)
-
-    routes = []
-    for section_name, origin, given in route_inputs:
-        route_values = {}
-        for setting in ROUTE_SETTINGS:
-            if setting.scope == ROUTE_ONLY:
-                value = given.get(setting.name)
-                if value is None:
-                    raise ConfigError(f"route has no {setting.name}", source=origin,
-                                      key=setting.name, section=section_name)
-            else:
-                value = overrides.get(setting.name) or given.get(setting.name) \
-                    or defaults[setting.name]
-            route_values[setting.name] = value
-        values[section_name] = route_values
-        parsed = {BY_NAME[key].attribute: _check(BY_NAME[key], value.text, value.source,
-                                                   section_name)
-                  for key, value in route_values.items()}
-        if parsed["strategy"] != "round-robin-with-fallback" and any(
-                spec.backup for spec in parsed["destinations"]):
-            value = route_values["destinations"]
-            raise ConfigError("'backup' destinations need strategy round-robin-with-fallback",
-                              source=value.source, key="destinations", section=section_name)
-        routes.append(RouteConfig(name=section_name[len("route:"):], **parsed))
-
-    _check_distinct_binds(routes, values)
-    process = ProcessConfig(**{
-        BY_NAME[key].attribute: _check(BY_NAME[key], value.text, value.source, "gconn")
-        for key, value in process_values.items()})
-    _check_admin_exposure(process, process_values)
-    return Config(path=path, process=process, routes=tuple(routes), values=values)
 
 
 def _check_admin_exposure(process, values):
@@ -286,5 +359,5 @@ def _check_distinct_binds(routes, values):
         owners[route.bind] = route.name
 
 
-__all__ = ["Config", "RouteConfig", "ProcessConfig", "Value", "load", "build_parser",
-           "read_ini", "PROCESS", "ROUTE"]
+__all__ = ["Config", "RouteConfig", "ProcessConfig", "Value", "IniFile", "load",
+           "build_parser"]

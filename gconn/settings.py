@@ -1,9 +1,10 @@
 """Every option of gconn, declared once as data, and the small parsers that check their values.
 
-The command-line flags, the ``GCONN_*`` environment variables, the config-file keys, the
-annotated ``conf/gconn.conf`` and README's option table are all derived from ``SETTINGS``.
-Parsers take text and return a value or raise ``ValueError`` saying what is allowed; they never
-touch sockets or files (config.py adds the file, line and key to the message).
+The command-line flags, the ``GCONN_*`` environment variables, the config-file keys (config.py),
+the annotated ``conf/gconn.conf`` and README's option table (docs.py) are all derived from
+``SETTINGS``; nothing here renders or reads them.  Parsers take text and return a value or raise
+``ValueError`` saying what is allowed; they never touch sockets or files (config.py adds the
+file, line and key to the message).
 """
 
 import dataclasses
@@ -292,7 +293,8 @@ SETTINGS = (
     Setting("strategy", ROUTE, one_of(STRATEGIES), "first-available",
             "how a destination is picked for each new connection"),
     Setting("max-connections", ROUTE, integer_between(1, 10_000_000), "10000",
-            "forwarded connections served at once; further clients wait in the listen backlog"),
+            "forwarded connections served at once, over all workers; further clients wait in "
+            "the queue (up to max-queued, for at most queue-timeout), then are shed"),
     Setting("backlog", ROUTE, integer_between(1, 1_000_000), "4096",
             "the listen backlog: accepted-by-kernel clients not yet taken by gconn"),
     Setting("max-queued", ROUTE, integer_between(0, 10_000_000), "1000",
@@ -331,89 +333,3 @@ SETTINGS = (
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 PROCESS_SETTINGS = tuple(s for s in SETTINGS if s.scope == PROCESS)
 ROUTE_SETTINGS = tuple(s for s in SETTINGS if s.scope in (ROUTE, ROUTE_ONLY))
-
-EXAMPLE_ROUTE = (  # the route of the example config: gconn-echo backends a newcomer can start
-    ("bind", "127.0.0.1:6446"),
-    ("destinations", "127.0.0.1:9001, 127.0.0.1:9002"),
-    ("strategy", "round-robin"),
-)
-
-
-def _comment(text, width=96):
-    """``text`` as ``; ``-prefixed lines no wider than ``width``."""
-    lines, line = [], ";"
-    for word in text.split():
-        if len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = ";"
-        line += " " + word
-    return lines + [line]
-
-
-def render_example_config():
-    """The annotated conf/gconn.conf: every option with its help and default."""
-    out = ["; gconn example configuration, generated from gconn/settings.py: do not edit by hand;",
-           "; regenerate with: python -m gconn.settings > conf/gconn.conf",
-           "; Start two echo backends first:",
-           ";   gconn-echo --bind 127.0.0.1:9001 --bind 127.0.0.1:9002",
-           "; then: gconn -c conf/gconn.conf   and try: nc 127.0.0.1 6446",
-           "; Precedence: --flag > GCONN_* environment > this file > built-in default.",
-           "; Durations: 250ms 5s 2m 8h; sizes: 4096 64k 1m.",
-           "", "[gconn]", "; process-wide settings", ""]
-    for setting in PROCESS_SETTINGS:
-        out += _comment(f"{setting.help} ({setting.allowed})")
-        out += [f"{setting.name} = {setting.default}", ""]
-    out += ["; route options given here are the default for every route:", ""]
-    for setting in ROUTE_SETTINGS:
-        if setting.scope == ROUTE:
-            out += _comment(f"{setting.help} ({setting.allowed})")
-            out += [f";{setting.name} = {setting.default}", ""]
-    out += ["[route:echo]", "; one section per route: [route:NAME]", ""]
-    values = dict(EXAMPLE_ROUTE)
-    for setting in ROUTE_SETTINGS:
-        if setting.name in values:
-            out += _comment(f"{setting.help} ({setting.allowed})")
-            out += [f"{setting.name} = {values[setting.name]}", ""]
-    return "\n".join(out)
-
-
-def render_option_table():
-    """README.rst's option table (reStructuredText list-table)."""
-    rows = [".. list-table:: Options (config key, flag, environment variable)",
-            "   :header-rows: 1", "",
-            "   * - key", "     - where", "     - flag / environment", "     - default",
-            "     - meaning"]
-    where = {PROCESS: "[gconn]", ROUTE: "route or [gconn]", ROUTE_ONLY: "route"}
-    for setting in SETTINGS:
-        rows += [f"   * - ``{setting.name}``", f"     - {where[setting.scope]}",
-                 f"     - ``{setting.option}`` / ``{setting.env}``",
-                 f"     - {setting.default if setting.default is not None else '(required)'}",
-                 f"     - {setting.help}"]
-    return "\n".join(rows) + "\n"
-
-
-TABLE_START = ".. options-table-start"
-TABLE_END = ".. options-table-end"
-
-
-def rewrite_between_markers(path, start, end, body):
-    """Replace what stands between the lines ``start`` and ``end`` of a text file."""
-    with open(path, encoding="utf-8") as stream:
-        text = stream.read()
-    head, _, rest = text.partition(start + "\n")
-    _, _, tail = rest.partition(end + "\n")
-    with open(path, "w", encoding="utf-8") as stream:
-        stream.write(f"{head}{start}\n\n{body}\n{end}\n{tail}")
-
-
-def rewrite_readme_table(path):
-    """Replace README.rst's option table (between its markers) with the rendered one."""
-    rewrite_between_markers(path, TABLE_START, TABLE_END, render_option_table())
-
-
-if __name__ == "__main__":
-    import sys
-    if sys.argv[1:2] == ["--readme"]:
-        rewrite_readme_table(sys.argv[2])
-    else:
-        print(render_example_config(), end="")

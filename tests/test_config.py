@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from gconn.settings import render_example_config, render_option_table
+from gconn.config import Value, load
+from gconn.docs import render_example_config, render_option_table
+from gconn.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROUTE = "[route:a]\nbind = 127.0.0.1:0\ndestinations = 127.0.0.1:9\n"
@@ -46,6 +48,15 @@ BAD_CONFIGS = [
     ("unknown loop", "[gconn]\nloop = kqueue\n" + ROUTE, 2, "loop"),
     ("unknown section", "[routes]\nbind = 1\n", 1, None),
     ("line without equals", ROUTE + "just words\n", 4, None),
+    ("key before any section", "bind = 127.0.0.1:0\n" + ROUTE, 1, "bind"),
+    ("key given twice", ROUTE + "bind = 127.0.0.1:1\n", 4, "bind"),
+    ("[gconn] given twice", "[gconn]\nworkers = 1\n[gconn]\n" + ROUTE, 3, None),
+    ("route defined twice", ROUTE + "[route:a]\nbind = 127.0.0.1:0\n", 4, None),
+    ("bad route name", "[route:a b]\nbind = 127.0.0.1:0\ndestinations = h:1\n", 1, None),
+    ("process key in a route", ROUTE + "workers = 2\n", 4, "workers"),
+    ("command-line action in [gconn]", "[gconn]\ncheck-config = yes\n" + ROUTE, 2,
+     "check-config"),
+    ("config file named in [gconn]", "[gconn]\nconfig = other.conf\n" + ROUTE, 2, "config"),
 ]
 
 
@@ -143,6 +154,102 @@ def test_gconn_section_gives_route_defaults(tmp_path):
     sections = result.stdout.split("[route:")
     assert "idle-timeout = 2m" in sections[1] and f"{path}:2" in sections[1]
     assert "idle-timeout = 5m" in sections[2]
+
+
+def write_config(tmp_path, text):
+    """Write ``text`` as tmp_path/gconn.conf and return its path as a string."""
+    path = tmp_path / "gconn.conf"
+    path.write_text(text)
+    return str(path)
+
+
+def test_load_takes_each_value_and_its_origin_from_configargparse(tmp_path):
+    """load(): flag > env > [gconn] > default per setting, each Value naming where it came from."""
+    path = write_config(tmp_path, "[gconn]\nlog-level = debug\nworkers = 2\n"
+                                  "idle-timeout = 2m\n" + ROUTE)
+    config, options = load(["-c", path, "--workers", "3"], environ={"GCONN_LOG_FILE": "x.log"})
+    process = config.values["gconn"]
+    assert process["workers"] == Value("3", "flag --workers")
+    assert process["log-file"] == Value("x.log", "env GCONN_LOG_FILE")
+    assert process["log-level"] == Value("debug", f"{path}:2")
+    assert process["loop"] == Value("default", "default")
+    assert config.values["route:a"]["idle-timeout"] == Value("2m", f"{path}:4")
+    assert config.values["route:a"]["bind"] == Value("127.0.0.1:0", f"{path}:6")
+    assert config.process.workers == 3 and config.routes[0].idle_timeout == 120
+    assert config.path == path and not options.check_config
+
+
+def test_route_option_from_flag_or_env_overrides_every_route(tmp_path):
+    """A route option given as a flag or in the environment beats each route's own key."""
+    path = write_config(tmp_path, ROUTE + "idle-timeout = 5m\nstrategy = next-available\n"
+                                  "[route:b]\nbind = 127.0.0.1:0\ndestinations = h:2\n")
+    config, _ = load(["-c", path, "--idle-timeout", "1h"],
+                     environ={"GCONN_STRATEGY": "round-robin"})
+    assert [route.name for route in config.routes] == ["a", "b"]
+    for section in ("route:a", "route:b"):
+        assert config.values[section]["idle-timeout"] == Value("1h", "flag --idle-timeout")
+        assert config.values[section]["strategy"] == Value("round-robin", "env GCONN_STRATEGY")
+
+
+def test_command_line_route_joins_the_file_routes(tmp_path):
+    """--bind and --destination add a route named by --route-name after the file's routes."""
+    path = write_config(tmp_path, ROUTE)
+    config, _ = load(["-c", path, "--bind", "127.0.0.1:0", "--destination", "h:1",
+                      "--destination", "h:2 backup", "--strategy", "round-robin-with-fallback"],
+                     environ={"GCONN_ROUTE_NAME": "cli"})
+    assert [route.name for route in config.routes] == ["a", "cli"]
+    assert config.values["route:cli"]["destinations"] == Value("h:1, h:2 backup",
+                                                               "flag --destination")
+
+
+def test_config_file_named_by_the_environment(tmp_path):
+    """GCONN_CONFIG names the config file as -c does; -c wins over it."""
+    path = write_config(tmp_path, ROUTE)
+    config, _ = load([], environ={"GCONN_CONFIG": path})
+    assert config.path == path and config.values["route:a"]["bind"].source == f"{path}:2"
+    with pytest.raises(ConfigError, match="missing.conf"):
+        load(["-c", str(tmp_path / "missing.conf")], environ={"GCONN_CONFIG": path})
+
+
+def test_config_path_starting_with_tilde_is_read_from_home(tmp_path, monkeypatch):
+    """-c ~/gconn.conf reads the file in the home directory (ConfigArgParse expands ~)."""
+    path = write_config(tmp_path, ROUTE)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config, _ = load(["-c", "~/gconn.conf"], environ={})
+    assert config.path == path
+
+
+def test_a_bad_file_value_that_a_flag_overrides_is_not_checked(tmp_path):
+    """Only effective values are checked: a bad [gconn] value under a flag is no error."""
+    path = write_config(tmp_path, "[gconn]\nlog-level = loud\n" + ROUTE)
+    config, _ = load(["-c", path, "--log-level", "error"], environ={})
+    assert config.values["gconn"]["log-level"] == Value("error", "flag --log-level")
+
+
+def test_an_empty_switch_value_is_as_if_not_given(tmp_path):
+    """An empty admin-insecure, in the file as in the environment, keeps the default."""
+    # ConfigArgParse skips an empty value for a flag whose value is optional (nargs="?")
+    in_file = write_config(tmp_path, "[gconn]\nadmin-insecure =\n" + ROUTE)
+    config, _ = load(["-c", in_file], environ={})
+    assert config.values["gconn"]["admin-insecure"] == Value("no", "default")
+    in_env = write_config(tmp_path, ROUTE)
+    config, _ = load(["-c", in_env], environ={"GCONN_ADMIN_INSECURE": ""})
+    assert config.values["gconn"]["admin-insecure"] == Value("no", "default")
+
+
+def test_a_bad_file_raises_config_error_rather_than_exiting(tmp_path):
+    """load() raises ConfigError for a missing or malformed file, so a reload cannot exit."""
+    for argv in (["-c", str(tmp_path / "missing.conf")],
+                 ["-c", write_config(tmp_path, "[routes]\nbind = 1\n")]):
+        with pytest.raises(ConfigError):
+            load(argv, environ={})
+
+
+def test_an_abbreviated_flag_is_refused():
+    """--connect-t is not taken for --connect-timeout: its origin would be misreported."""
+    result = run_gconn("--bind", "127.0.0.1:0", "--destination", "h:1", "--connect-t", "2s",
+                       "--check-config")
+    assert result.returncode == 2 and "--connect-t" in result.stderr
 
 
 def test_example_config_is_generated_from_the_registry_and_valid():

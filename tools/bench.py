@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from gconn.settings import rewrite_between_markers
+from gconn.docs import rewrite_between_markers
 from tools.soak import ROOT, Fleet, load_pyplot, wait_for_line
 
 PEERS = ("noproxy", "gconn", "haproxy", "nginx", "uvloop", "asyncio", "gevent")
