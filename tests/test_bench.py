@@ -13,14 +13,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.timeout(300)
 def test_quick_bench_of_gconn_and_no_proxy_has_every_figure(tmp_path):
     """--quick --peers noproxy,gconn: exit 0, a table, and a JSON report with every figure."""
-    from tools.bench import FIGURES
+    from gconn_tools.bench import FIGURES
     report_path = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "tools.bench", "--quick", "--peers", "noproxy,gconn,nosuch"],
+        [sys.executable, "-m", "gconn_tools.bench", "--quick", "--peers", "noproxy,gconn,nosuch"],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "unknown peer 'nosuch'" in result.stderr
     result = subprocess.run(
-        [sys.executable, "-m", "tools.bench", "--quick", "--peers", "noproxy,gconn",
+        [sys.executable, "-m", "gconn_tools.bench", "--quick", "--peers", "noproxy,gconn",
          "--json", str(report_path)], cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "| gconn |" in result.stdout and "| noproxy |" in result.stdout

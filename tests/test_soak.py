@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def soak(*args, timeout=240):
     """Run gconn-soak as a subprocess (its own group); return (exit code, output)."""
-    process = subprocess.Popen([sys.executable, "-m", "tools.soak", *args], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "gconn_tools.soak", *args], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                stdin=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -70,7 +70,7 @@ def test_soak_fails_when_gconn_is_killed_mid_run(tmp_path):
     """gconn killed during the hold: the soak says so, fails, and leaves no process behind."""
     report_path = tmp_path / "soak.json"
     process = subprocess.Popen(
-        [sys.executable, "-m", "tools.soak", "--clients", "300", "--duration", "20",
+        [sys.executable, "-m", "gconn_tools.soak", "--clients", "300", "--duration", "20",
          "--interval", "0.5", "--json", str(report_path)], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -26,7 +26,7 @@ import sys
 import time
 
 from gconn.docs import rewrite_between_markers
-from tools.soak import ROOT, Fleet, load_pyplot, wait_for_line
+from gconn_tools.soak import ROOT, Fleet, load_pyplot, wait_for_line
 
 PEERS = ("noproxy", "gconn", "haproxy", "nginx", "uvloop", "asyncio", "gevent")
 BEFORE = [None]  # --before: a checkout of an earlier gconn, measured as the gconn-before peer
@@ -129,7 +129,7 @@ def start_peer(fleet, peer, target, tag):
         kind = "gevent" if peer == "gevent" else "asyncio"
         extra = ["--uvloop"] if peer == "uvloop" else []
         process = fleet.start(name, pinned(PROXY_CPU, [
-            sys.executable, "-m", "tools.peers", kind, "--listen", f"127.0.0.1:{port}",
+            sys.executable, "-m", "gconn_tools.peers", kind, "--listen", f"127.0.0.1:{port}",
             "--target", f"127.0.0.1:{target}", *extra]), cwd=ROOT)
     wait_port(port, process)
     return process, port
@@ -183,7 +183,7 @@ def iperf(port, seconds, streams):
 def hold_idle(fleet, port, count):
     """Start gconn-soak's client holding ``count`` idle connections; return it once held."""
     process = fleet.start(f"idle-{time.monotonic_ns()}", pinned(LOAD_CPU, [
-        sys.executable, "-m", "tools.soak_client", "--target", f"127.0.0.1:{port}",
+        sys.executable, "-m", "gconn_tools.soak_client", "--target", f"127.0.0.1:{port}",
         "--clients", str(count), "--rate", "5000", "--duration", "3600",
         "--interval", "3600", "--payload", "0", "--churn", "0", "--index", "9"]), cwd=ROOT)
     wait_for_line(process, '"ramped"', timeout=120)

@@ -4,8 +4,8 @@
 forwarding one listening port to one target with the same 64 KiB buffer, no logging, and
 TCP_NODELAY on both sides.  Each prints ``listening address=HOST:PORT`` once it accepts.
 
-    python -m tools.peers asyncio --listen 127.0.0.1:0 --target 127.0.0.1:6379 [--uvloop]
-    python -m tools.peers gevent --listen 127.0.0.1:0 --target 127.0.0.1:6379
+    python -m gconn_tools.peers asyncio --listen 127.0.0.1:0 --target 127.0.0.1:6379 [--uvloop]
+    python -m gconn_tools.peers gevent --listen 127.0.0.1:0 --target 127.0.0.1:6379
 """
 
 import argparse
@@ -104,7 +104,7 @@ def run_gevent(listen, target):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="tools.peers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="gconn_tools.peers", description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=("asyncio", "gevent"))
     parser.add_argument("--listen", required=True)
     parser.add_argument("--target", required=True)

@@ -221,7 +221,7 @@ def start_clients(fleet, options, target, duration=None, interval=None):
     processes = []
     for index in range(count):
         share = options.clients // count + (1 if index < options.clients % count else 0)
-        args = [sys.executable, "-m", "tools.soak_client", "--target", target,
+        args = [sys.executable, "-m", "gconn_tools.soak_client", "--target", target,
                 "--clients", str(share), "--rate", str(options.rate / count),
                 "--duration", str(duration), "--interval", str(interval),
                 "--payload", str(options.payload), "--churn", str(options.churn),
