@@ -44,6 +44,7 @@ def route_report(route, now):
     return {"listening": route.server.started, "address": route.address,
             "serving": route.destinations.has_candidates(now),
             "greenlets": len(route.pool), "pool_size": route.pool.size,
+            "accept_pauses": route.accept_pauses,
             "active": admission.active, "limit": admission.limit,
             "queued": len(admission.waiting), "max_queued": admission.max_queued,
             "admitted": admission.admitted, "shed": dict(admission.shed),

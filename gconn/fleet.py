@@ -12,8 +12,8 @@ import dataclasses
 from . import control
 
 # the fields of a route's report that add up over the workers
-ROUTE_COUNTS = ("greenlets", "pool_size", "active", "limit", "queued", "max_queued", "admitted",
-                "blocked_hosts")
+ROUTE_COUNTS = ("greenlets", "pool_size", "accept_pauses", "active", "limit", "queued",
+                "max_queued", "admitted", "blocked_hosts")
 
 
 @dataclasses.dataclass(frozen=True)

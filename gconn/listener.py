@@ -69,7 +69,7 @@ class Acceptor(StreamServer):
             return None
         client = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
         client.setblocking(False)
-        if self.paused:
+        if self.paused and self.registry.clients + 1 < self.capacity:  # room for more again
             LOGGER.warning("route=%s accepting again", self.route.name)
             self.paused = False
             self.backoff = 0.0
@@ -90,7 +90,7 @@ class Acceptor(StreamServer):
 
     def pause(self, reason):
         """Stop accepting until a connection ends (or, with none live, for a backoff)."""
-        self.route.accept_exhausted += 1
+        self.route.accept_pauses += 1
         self.stop_accepting()
         if not self.paused:
             LOGGER.warning("route=%s out of descriptors (%s): pausing accepts until a "

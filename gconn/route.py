@@ -41,7 +41,7 @@ class Route:
         self.admission = Admission(config.max_connections, config.max_queued)
         self.blocker = HostBlocker(config.max_connect_errors, config.blocked_host_time)
         self.pool = Pool(config.max_connections + config.max_queued)  # the forwarding pool
-        self.accept_exhausted = 0  # accept attempts that found the process out of descriptors
+        self.accept_pauses = 0  # times accepting paused for descriptors (admin: accept_pauses)
         self.accepted = 0  # clients accepted (metrics.flush publishes the plain counts)
         self.ended = {}  # how sessions ended -> how many
         self.draining = False  # the worker is shutting down: forwarding sessions hold it up

@@ -215,8 +215,8 @@ def worker_report(active, healthy):
     """One worker's control-socket report with one route and one destination."""
     return {"routes": {"default": {
         "address": "127.0.0.1:6446", "listening": True, "serving": healthy,
-        "greenlets": active + 1, "pool_size": 35, "active": active, "limit": 25, "queued": 1,
-        "max_queued": 10, "admitted": 7 * active, "blocked_hosts": 0,
+        "greenlets": active + 1, "pool_size": 35, "accept_pauses": 1, "active": active,
+        "limit": 25, "queued": 1, "max_queued": 10, "admitted": 7 * active, "blocked_hosts": 0,
         "shed": {"queue_full": active, "queue_timeout": 0},
         "destinations": [{"address": "127.0.0.1:9001", "healthy": healthy, "active": active}]}}}
 
@@ -227,6 +227,7 @@ def test_route_totals_sum_the_workers_that_answered():
     totals = route_totals([worker_report(3, True), None, worker_report(2, False)])
     assert totals == {"default": {
         "address": "127.0.0.1:6446", "workers": 2, "greenlets": 7, "pool_size": 70,
+        "accept_pauses": 2,
         "active": 5, "limit": 50, "queued": 2,
         "max_queued": 20, "admitted": 35, "blocked_hosts": 0,
         "shed": {"queue_full": 5, "queue_timeout": 0},

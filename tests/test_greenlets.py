@@ -5,6 +5,7 @@ the RWLock is safe between connection greenlets, and a busy stream starves nobod
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import statistics
@@ -181,6 +182,50 @@ def test_rwlock_between_a_writer_and_a_thousand_connection_greenlets():
     assert all(greenlet.successful() for greenlet in readers)
     assert sorted(len(greenlet.value) for greenlet in readers) == [2] * 1000
     assert destinations.turn == 1000
+
+
+@pytest.mark.timeout(120)
+def test_at_descriptor_capacity_accepting_resumes_when_a_connection_ends(start_echo,
+                                                                          processes):
+    """A worker full of connections leaves new clients in the listen backlog without polling
+    (its pause count stays put over a second), takes exactly one more as each connection ends,
+    and every waiting client is served in the end with its bytes intact."""
+    echo = start_echo()
+    limit = 100  # open files: (100 - 64 reserved) / 2 = 18 forwarded connections fit
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    daemon = Daemon(["--workers", "1", "--access-log", "-", "--admin", "127.0.0.1:0",
+                     "--bind", "127.0.0.1:0", "--destination", echo.address],
+                    preexec=low_limit)
+    processes.append(daemon)
+    port = daemon.port()
+    held = [connect(port) for _ in range(18)]
+    for client in held:
+        client.sendall(b"held")
+        assert client.recv(4) == b"held"
+    waiting = [connect(port) for _ in range(5)]  # accepted by the kernel: in the backlog
+    for number, client in enumerate(waiting):
+        client.sendall(b"waiting %d" % number)
+    daemon.wait_contains("pausing accepts")
+
+    def pauses():
+        return admin_json(daemon, "/status")["routes"]["default"]["accept_pauses"]
+
+    paused = pauses()
+    time.sleep(1.0)  # a measuring window: a polling timer would retry (and pause) meanwhile
+    assert pauses() == paused
+    held.pop().close()
+    assert waiting[0].recv(16) == b"waiting 0"  # served as soon as the slot's owner left
+    assert admin_json(daemon, "/status")["routes"]["default"]["greenlets"] == 18
+    for client in held:
+        client.close()
+    for number, client in enumerate(waiting):
+        if number:
+            assert client.recv(16) == b"waiting %d" % number
+        client.close()
+    assert sum("pausing accepts" in line for line in daemon.lines) == 1
 
 
 def round_trips(port, count):

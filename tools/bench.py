@@ -25,8 +25,9 @@ import subprocess
 import sys
 import time
 
-from gconn.docs import rewrite_between_markers
 from gconn_tools.soak import ROOT, Fleet, load_pyplot, wait_for_line
+
+from gconn.docs import rewrite_between_markers
 
 PEERS = ("noproxy", "gconn", "haproxy", "nginx", "uvloop", "asyncio", "gevent")
 BEFORE = [None]  # --before: a checkout of an earlier gconn, measured as the gconn-before peer
