@@ -81,10 +81,12 @@ class Acceptor(StreamServer):
         route.accepted += 1
         if route.blocker.blocked(client_host(address), time.monotonic()):
             route.admission.count_shed(BLOCKED_HOST)
-            return route.shed(client, address, BLOCKED_HOST)
+            return route.shed(client, address, BLOCKED_HOST,
+                              "client host blocked after max-connect-errors failures")
         if self.pool.full():
-            route.admission.shed[QUEUE_FULL] += 1
-            return route.shed(client, address, QUEUE_FULL)
+            route.admission.count_shed(QUEUE_FULL)
+            return route.shed(client, address, QUEUE_FULL,
+                              f"all {self.pool.size} places (active and queued) taken")
         self.registry.spawned()
         self._spawn(route.serve, client, address)
 

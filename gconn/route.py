@@ -54,9 +54,9 @@ class Route:
         """The body of one connection's greenlet (the acceptor spawns it into the pool)."""
         Session(self, client, address).run()
 
-    def shed(self, client, address, reason):
+    def shed(self, client, address, reason, why):
         """Refuse one client at once in the accept path (already counted): the shed-message,
-        the close, the access line."""
+        the close, the access line with ``why`` as its error."""
         message = self.config.shed_message
         if message:
             try:
@@ -65,7 +65,7 @@ class Route:
                 pass
         client.close()
         context = ConnectionContext(self.registry.next_id(), self.name, peer_name(address))
-        log_access(context, reason, 0.0)
+        log_access(context, reason, 0.0, why)
 
     def session_ended(self, session, end, duration):
         """A session finished: count how, and count it for or against its client's host."""
