@@ -8,6 +8,8 @@ greenlet: RSS per connection for N connections parked in three ways, in one proc
 - the sockets themselves are made first and are the baseline (their memory is the kernel's).
 
 Every greenlet is checked to be started and parked, and every socket open, before RSS is read.
+Each figure comes from a fresh process (memory freed by an earlier measurement would be reused
+and hide the cost), twice.
 
     python -m gconn_tools.bench_memory [--connections 4000]
 """
@@ -20,6 +22,8 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import gevent  # noqa: E402
 from gevent.hub import get_hub  # noqa: E402
@@ -82,17 +86,28 @@ def measure(count, body):
     return (after - before) / count
 
 
+KINDS = {"greenlet": park_bare, "pump": park_pump}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="gconn_tools.bench_memory",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=4000)
+    parser.add_argument("--kind", choices=sorted(KINDS), help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
-    raise_open_files_limit()  # four descriptors per connection here
-    measure(200, park_pump)  # warm-up: buffers, code objects, the first arenas
-    figures = {}
-    for name, body in (("greenlet", park_bare), ("pump", park_pump),
-                       ("greenlet_again", park_bare), ("pump_again", park_pump)):
-        figures[name] = round(measure(options.connections, body) / 1024, 2)
+    limit = raise_open_files_limit()
+    if 4 * options.connections + 256 > limit:
+        parser.error(f"--connections {options.connections} needs four descriptors each; "
+                     f"the open-files limit {limit} allows {(limit - 256) // 4}")
+    if options.kind:  # one measurement, in this fresh process
+        measure(200, KINDS[options.kind])  # warm-up: buffers, code objects, the first arenas
+        print(round(measure(options.connections, KINDS[options.kind]) / 1024, 2))
+        return 0
+    figures = {kind: [float(subprocess.run(
+        [sys.executable, "-m", "gconn_tools.bench_memory", "--kind", kind,
+         "--connections", str(options.connections)],
+        capture_output=True, text=True, check=True).stdout) for _ in range(2)]
+        for kind in KINDS}
     print(json.dumps({"connections": options.connections, "kb_per_connection": figures}))
     return 0
 
