@@ -11,8 +11,9 @@ Accept errors are sorted by class (gevent ``BaseServer._do_read``, trio
 EMFILE/ENFILE/ENOBUFS/ENOMEM mean the process is out of a resource.  The worker does not wait
 for EMFILE: once its live connections fill its descriptor capacity (two per connection),
 accepting pauses and clients wait in the listen backlog; it resumes when a connection ends (the
-registry's room event), never on a polling timer.  Only an EMFILE with no live connection to
-wait for falls back to exponential backoff, logged once per episode.
+registry's room event), never on a polling timer.  An accept the OS refuses for lack of a
+resource also re-arms an exponential backoff (the shortage may not be the sessions' doing, or
+may pass by itself), whichever comes first.  Each episode is logged once.
 The listening socket is made by sockets.listen (or inherited) and closed here.
 """
 
@@ -56,7 +57,7 @@ class Acceptor(StreamServer):
         watchers would cost more than forwarding a short connection; the pump makes its own);
         at descriptor capacity or on resource exhaustion pause accepting and return nothing."""
         if self.registry.clients >= self.capacity:
-            self.pause("descriptor capacity reached")
+            self.pause("descriptor capacity reached", backoff=False)
             return None
         try:
             fd, address = self.raw_listener._accept()
@@ -65,7 +66,7 @@ class Acceptor(StreamServer):
         except OSError as error:
             if error.errno not in RESOURCE_ERRORS:
                 raise
-            self.pause(error.strerror)
+            self.pause(error.strerror, backoff=True)
             return None
         client = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
         client.setblocking(False)
@@ -88,10 +89,17 @@ class Acceptor(StreamServer):
             return route.shed(client, address, QUEUE_FULL,
                               f"all {self.pool.size} places (active and queued) taken")
         self.registry.spawned()
-        self._spawn(route.serve, client, address)
+        try:
+            self._spawn(route.serve, client, address)
+        except BaseException:  # the greenlet will never finish this client: nobody else closes
+            self.registry.unspawned()
+            client.close()
+            raise
 
-    def pause(self, reason):
-        """Stop accepting until a connection ends (or, with none live, for a backoff)."""
+    def pause(self, reason, backoff):
+        """Stop accepting until a connection ends; with ``backoff`` (the OS refused an accept:
+        the shortage may not be the sessions' doing, or pass by itself) at most for the
+        current backoff too."""
         self.route.accept_pauses += 1
         self.stop_accepting()
         if not self.paused:
@@ -100,7 +108,10 @@ class Acceptor(StreamServer):
             self.paused = True
         if self.registry.clients:
             self.registry.notify_when_room(self.resume)
+        if not backoff:
             return
+        if self.pause_timer is not None:
+            self.pause_timer.close()
         self.backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self.backoff * 2))
         self.pause_timer = self.loop.timer(self.backoff)
         self.pause_timer.start(self.resume)

@@ -28,6 +28,7 @@ __all__ = [
     "ContextFilter",
     "RWLock",
     "RWLockError",
+    "clear_error",
     "current",
     "last_error",
     "set_current",
@@ -135,6 +136,11 @@ def set_current(context):
 def set_error(code, message):
     """Record ``(code, message)`` as the running greenlet's error; a later call replaces it."""
     setattr(getcurrent(), _ERROR_ATTRIBUTE, (code, message))
+
+
+def clear_error():
+    """Forget the running greenlet's recorded error (what it met is no longer its story)."""
+    setattr(getcurrent(), _ERROR_ATTRIBUTE, None)
 
 
 def last_error(greenlet=None):

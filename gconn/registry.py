@@ -30,6 +30,10 @@ class Registry:
         burst of accepts cannot overrun the descriptor capacity)."""
         self.clients += 1
 
+    def unspawned(self):
+        """A client counted by ``spawned`` whose greenlet could not be started."""
+        self.clients -= 1
+
     def add(self, session):
         """Register a live session (its greenlet is running)."""
         self.sessions[session.context.id] = session

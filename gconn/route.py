@@ -52,7 +52,13 @@ class Route:
 
     def serve(self, client, address):
         """The body of one connection's greenlet (the acceptor spawns it into the pool)."""
-        Session(self, client, address).run()
+        try:
+            session = Session(self, client, address)
+        except BaseException:  # no session to finish this client: close it here
+            self.registry.unspawned()
+            client.close()
+            raise
+        session.run()
 
     def shed(self, client, address, reason, why):
         """Refuse one client at once in the accept path (already counted): the shed-message,

@@ -135,6 +135,7 @@ class Session:
             route.admission.count_shed(NO_DESTINATION)
             raise Shed(NO_DESTINATION, f"route {route.name}: no destination available")
         self.upstream, self.destination = connect_destination(route, candidates)
+        local.clear_error()  # a failover that succeeded is not how this connection ends
         self.context.destination = self.destination.name
         self.context.phase = "draining" if route.draining else "forwarding"
         LOGGER.debug("forwarding client=%s destination=%s", self.context.client,
@@ -155,7 +156,8 @@ class Session:
             if not self.has_slot:
                 self.route.admission.give_up(self)
         if not self.has_slot:
-            raise Shed(QUEUE_TIMEOUT, f"no slot within queue-timeout {timeout:g}s")
+            raise Shed(QUEUE_TIMEOUT, "route stopped while queued" if self.route.draining
+                       else f"no slot within queue-timeout {timeout:g}s")
 
     def give_slot(self):
         """Hand this queued session the slot another one gave back (from that one's greenlet)."""
@@ -193,14 +195,15 @@ class Session:
         if pump is not None:
             context.bytes_up, context.bytes_down = pump.bytes_up, pump.bytes_down
         route = self.route
+        duration = time.monotonic() - self.started
         try:
-            if self.upstream is not None:
-                self.upstream.close()
-                self.destination.disconnected(context.bytes_up, context.bytes_down)
-            self.client.close()
+            try:
+                if self.upstream is not None:
+                    self.upstream.close()
+                    self.destination.disconnected(context.bytes_up, context.bytes_down)
+            finally:
+                self.client.close()
         finally:
-            route.registry.remove(self)
-            duration = time.monotonic() - self.started
             try:
                 if self.has_slot:
                     self.has_slot = False
@@ -211,3 +214,4 @@ class Session:
             finally:
                 error = local.last_error()
                 log_access(context, end, duration, error[1] if error else None)
+                route.registry.remove(self)  # last: it tells a paused acceptor there is room

@@ -106,9 +106,12 @@ def test_failover_that_fails_logs_every_error_in_the_access_line(start_daemon):
 
 
 def test_a_clean_close_has_no_error_field(start_echo, start_daemon):
-    """A connection both sides closed normally is logged without an error field."""
+    """A connection both sides closed normally is logged without an error field, even when it
+    got its destination by failing over past a refused one."""
     echo = start_echo()
-    daemon = start_daemon("--bind", "127.0.0.1:0", "--destination", echo.address)
+    daemon = start_daemon("--bind", "127.0.0.1:0", "--strategy", "first-available",
+                          "--check-interval", "0", "--destination", f"127.0.0.1:{free_port()}",
+                          "--destination", echo.address)
     with connect(daemon.port()) as client:
         client.sendall(b"hello")
         assert client.recv(5) == b"hello"
