@@ -13,11 +13,9 @@ roster of its current workers.
 import dataclasses
 import errno
 import logging
-import mmap
 import os
 import shutil
 import signal
-import struct
 import tempfile
 import time
 
@@ -29,6 +27,7 @@ from .admin import Admin
 from .config import load
 from .errors import ConfigError, StartupError
 from .fleet import Fleet, Roster
+from .heartbeat import Heartbeats
 from .sockets import connections_per_process, listen, raise_open_files_limit
 from .worker import worker_process
 
@@ -36,13 +35,11 @@ LOGGER = logging.getLogger("gconn.supervisor")
 
 LOOP_TICK = 0.5  # seconds the supervisor waits for a signal before checking its workers
 STARTING_TICK = 0.02  # the same while a generation of workers is starting
-HEARTBEAT_SLOTS = 4096  # worker slots in the shared heartbeat page (reloads take new ones)
 RESTART_BACKOFF_MIN = 0.1  # seconds before restarting a worker that died young
 RESTART_BACKOFF_MAX = 10.0  # the longest wait between restarts of a worker that keeps dying
 YOUNG = 5.0  # seconds: a worker that dies younger than this counts towards backoff
 KILL_GRACE = 5.0  # seconds between TERM and KILL for a worker that overruns its drain
 SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "CHLD")
-STARTING, READY, DRAINING = 0, 1, 2  # a worker's state byte in the heartbeat page
 HELD_SIGNALS = {getattr(signal, f"SIG{name}") for name in SIGNALS if name != "CHLD"}
 
 
@@ -96,52 +93,6 @@ def describe_exit(code):
         return f"signal {signal.Signals(-code).name}"
     except ValueError:
         return f"signal {-code}"
-
-
-class Heartbeats:
-    """A page of shared memory, one monotonic timestamp per worker slot."""
-
-    def __init__(self, slots=HEARTBEAT_SLOTS):
-        self.slots = slots
-        self.page = mmap.mmap(-1, 9 * slots)  # 8-byte stamps, then one ready byte per slot
-        self.free = list(range(slots - 1, -1, -1))
-
-    def take(self):
-        """A free slot, stamped now, not ready; None when every slot is taken."""
-        if not self.free:
-            return None
-        slot = self.free.pop()
-        self.beat(slot)
-        self.page[8 * self.slots + slot] = 0
-        return slot
-
-    def set_ready(self, slot):
-        """Mark ``slot``'s worker as serving every route (called by the worker)."""
-        self.page[8 * self.slots + slot] = READY
-
-    def set_draining(self, slot):
-        """Mark ``slot``'s worker as draining: it accepts no more (called by the worker)."""
-        self.page[8 * self.slots + slot] = DRAINING
-
-    def ready(self, slot):
-        """Whether ``slot``'s worker has said it serves every route."""
-        return self.page[8 * self.slots + slot] == READY
-
-    def draining(self, slot):
-        """Whether ``slot``'s worker has said it is draining."""
-        return self.page[8 * self.slots + slot] == DRAINING
-
-    def give_back(self, slot):
-        """Return the slot of a worker that has exited."""
-        self.free.append(slot)
-
-    def beat(self, slot):
-        """Stamp ``slot`` with the current monotonic time (called by the worker)."""
-        struct.pack_into("d", self.page, 8 * slot, time.monotonic())
-
-    def age(self, slot):
-        """Seconds since ``slot`` was last stamped."""
-        return time.monotonic() - struct.unpack_from("d", self.page, 8 * slot)[0]
 
 
 @dataclasses.dataclass
