@@ -30,7 +30,7 @@ from .sockets import RESOURCE_ERRORS, client_host, descriptor_capacity
 LOGGER = logging.getLogger("gconn.listener")
 
 ACCEPT_BATCH = 16  # clients taken per readiness event: a flood cannot hog the loop (gevent: 100)
-BACKOFF_MIN = 0.01  # seconds of the first pause after EMFILE with no connection to wait for
+BACKOFF_MIN = 0.01  # seconds of the first pause after the OS refused an accept (EMFILE, ...)
 BACKOFF_MAX = 0.25  # the longest such pause
 
 
@@ -48,8 +48,8 @@ class Acceptor(StreamServer):
         self.registry = route.registry
         self.capacity = descriptor_capacity()  # connections this worker has descriptors for
         self.raw_listener = getattr(listener, "_sock", listener)  # the OS socket under gevent's
-        self.backoff = 0.0  # current EMFILE backoff; 0 while accepting normally
-        self.paused = False  # out of descriptors: waiting for a connection to end
+        self.backoff = 0.0  # current backoff after a refused accept; 0 while accepting normally
+        self.paused = False  # in a pause episode (logged once): out of descriptors
         self.pause_timer = None
 
     def do_read(self):

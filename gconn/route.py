@@ -12,7 +12,6 @@ import logging
 import os
 import time
 
-from gevent.hub import get_hub
 from gevent.pool import Pool
 
 from . import metrics
@@ -35,7 +34,6 @@ class Route:
         self.config = config
         self.name = config.name
         self.registry = registry
-        self.loop = get_hub().loop
         self.destinations = RouteDestinations(config.destinations, config.strategy)
         self.health = HealthChecks(self)
         self.admission = Admission(config.max_connections, config.max_queued)
@@ -60,15 +58,20 @@ class Route:
             raise
         session.run()
 
-    def shed(self, client, address, reason, why):
-        """Refuse one client at once in the accept path (already counted): the shed-message,
-        the close, the access line with ``why`` as its error."""
+    def send_shed_message(self, client):
+        """Tell a refused client why with the route's shed-message, if it has one: best effort,
+        never waits (the client is leaving)."""
         message = self.config.shed_message
         if message:
             try:
-                client.send(message)  # best effort, never waits: the client is leaving
+                client.send(message)
             except OSError:
                 pass
+
+    def shed(self, client, address, reason, why):
+        """Refuse one client at once in the accept path (already counted): the shed-message,
+        the close, the access line with ``why`` as its error."""
+        self.send_shed_message(client)
         client.close()
         context = ConnectionContext(self.registry.next_id(), self.name, peer_name(address))
         log_access(context, reason, 0.0, why)

@@ -52,6 +52,8 @@ def connect_destination(route, candidates):
             local.set_error("connect_failed", "; ".join(failures))
             LOGGER.warning("destination %s failed: %s", destination.address, error)
             continue
+        if failures:  # a failover that succeeded is not how this connection ends
+            local.clear_error()
         destination.connect_succeeded()
         metrics.observe("connect_seconds", route.name, time.monotonic() - begun)
         return connection, destination
@@ -135,7 +137,6 @@ class Session:
             route.admission.count_shed(NO_DESTINATION)
             raise Shed(NO_DESTINATION, f"route {route.name}: no destination available")
         self.upstream, self.destination = connect_destination(route, candidates)
-        local.clear_error()  # a failover that succeeded is not how this connection ends
         self.context.destination = self.destination.name
         self.context.phase = "draining" if route.draining else "forwarding"
         LOGGER.debug("forwarding client=%s destination=%s", self.context.client,
@@ -167,12 +168,7 @@ class Session:
     def refuse(self, reason, why):
         """Shed this client before forwarding (already counted): the shed-message; the end."""
         local.set_error(reason, why)
-        message = self.route.config.shed_message
-        if message:
-            try:
-                self.client.send(message)  # best effort, never waits: the client is leaving
-            except OSError:
-                pass
+        self.route.send_shed_message(self.client)
         return reason
 
     def view(self, stack=False):

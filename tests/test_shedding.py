@@ -11,6 +11,7 @@ import sys
 import time
 
 from conftest import connect, echo_roundtrip, which_tag
+from test_greenlets import round_trips
 
 BUSY = b"BUSY\r\n"
 
@@ -139,22 +140,11 @@ def test_flood_at_a_full_route_does_not_stop_another_route(start_echo, start_dae
     holder.sendall(b"x")
     assert holder.recv(1) == b"x"
 
-    def echo_times(count):
-        times = []
-        with connect(other) as client:
-            for number in range(count):
-                message = b"echo %d" % number
-                begun = time.perf_counter()
-                client.sendall(message)
-                assert client.recv(100) == message
-                times.append(time.perf_counter() - begun)
-        return times
-
-    quiet = echo_times(300)
+    quiet = round_trips(other, 300)
     flooder = subprocess.Popen(  # its own process: the flood must not take this one's GIL
         [sys.executable, "-c", FLOOD, str(full)], stdout=subprocess.PIPE, text=True)
     assert flooder.stdout.readline().strip() == "flooding"
-    busy = echo_times(300)
+    busy = round_trips(other, 300)
     shed = json.loads(flooder.communicate(timeout=120)[0])
     holder.close()
     ratio = percentile_99(busy) / percentile_99(quiet)
