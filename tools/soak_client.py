@@ -1,211 +1,386 @@
-"""One client process of gconn-soak: a gevent pool of clients sending verified echoes.
+"""One client process of gconn-soak: thousands of clients sending verified echoes, in one loop.
 
-Each client connects from a source address of its own range (127.0.N.x, with
-IP_BIND_ADDRESS_NO_PORT so the port is chosen per destination and ephemeral ports last), then
-every ``--interval`` seconds sends ``seq | length | crc32 | payload`` and expects it back byte
-for byte.  Once a second it prints one JSON line of cumulative counts and sampled latencies
-(reservoirs of at most SAMPLES values) on stdout for the orchestrator; the last line has
-``"done": true``.
+The harness must cost far less than what it measures, so a client is not a greenlet but a few
+slots of state, and the process is a single epoll loop with a 10 ms timer tick:
+
+- connects are non-blocking, started at ``--rate`` per second from source addresses of the
+  process's own range (127.0.N.x, with IP_BIND_ADDRESS_NO_PORT so the port is chosen per
+  destination and ephemeral ports last), spread over the ``--target`` addresses;
+- every client owns one slot of a timing wheel (``--interval`` seconds in 10 ms ticks); each
+  tick sends ``seq | length | crc32 | payload`` on the clients of its slot, one ``send`` each;
+- replies are parsed as they arrive and matched in order against the echoes in flight.
+
+An echo is *verified* when it comes back byte for byte, *late* when that took longer than
+``--late-after`` (counted with its delay, still verified), *corrupted* when the bytes differ,
+and *lost* when it never came back although the connection stayed open (an echo overtaken by
+a later one, or still missing when the run's drain time ends).  A connection the far side
+ended (close or reset) while the client still wanted it is *cut*: its client address, what the
+client saw and the echoes then in flight are reported, so gconn-soak can name the end reason
+gconn logged for it.
+
+The loop measures itself: how late each tick runs (its lag) and its CPU time.  Once a second
+it prints one JSON line of cumulative counts and log-scale histograms on stdout for the
+orchestrator; the last line has ``"done": true``.
 """
 
-from gevent import monkey
-
-monkey.patch_all()
-
-import argparse  # noqa: E402
-import errno  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import socket  # noqa: E402
-import struct  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import zlib  # noqa: E402
-
-import gevent  # noqa: E402
-from gevent.event import Event  # noqa: E402
+import argparse
+import collections
+import errno
+import json
+import math
+import os
+import random
+import resource
+import select
+import socket
+import struct
+import sys
+import time
+import zlib
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 HEADER = struct.Struct("!QII")  # sequence number, payload length, CRC-32 of the payload
-SAMPLES = 5000  # latency samples kept per process (uniform reservoir)
+TICK = 0.01  # seconds per timer tick (the timing wheel's resolution)
 SOURCES_PER_PROCESS = 8  # source addresses each client process spreads over
 CONNECT_TIMEOUT = 30.0  # seconds: a connect may wait in a full backlog during the ramp
-ECHO_TIMEOUT = 30.0  # seconds for an echo to come back before it counts as lost
-REPORT_EVERY = 1.0  # seconds between JSON lines
+REPORT_EVERY = 100  # ticks between JSON lines (one second)
+CUTS_LISTED = 500  # cut connections listed by address per process (all are counted)
 PATTERN = os.urandom(1 << 16)  # payload bytes are slices of this, different per echo
+BUCKETS_PER_E = 20  # histogram resolution: buckets grow by e^(1/20), about 5 %
+RECEIVE = 65536
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+EPOLLERR_HUP = select.EPOLLERR | select.EPOLLHUP
 
 
-class Reservoir:
-    """A uniform sample of at most ``size`` values from a stream."""
-
-    def __init__(self, size=SAMPLES):
-        self.size, self.seen, self.values = size, 0, []
-
-    def add(self, value):
-        self.seen += 1
-        if len(self.values) < self.size:
-            self.values.append(value)
-        else:
-            slot = random.randrange(self.seen)
-            if slot < self.size:
-                self.values[slot] = value
+def bucket(seconds):
+    """The log-scale histogram bucket of a duration (microsecond resolution at the bottom)."""
+    micros = seconds * 1e6
+    return 0 if micros < 1 else int(math.log(micros) * BUCKETS_PER_E) + 1
 
 
-class Stats:
+def bucket_value(index):
+    """A duration in seconds that stands for ``bucket`` (its geometric middle)."""
+    return 0.0 if index == 0 else math.exp((index - 0.5) / BUCKETS_PER_E) / 1e6
+
+
+class Histogram:
+    """Counts per log-scale bucket; adds up exactly across processes and reports."""
+
+    __slots__ = ("counts", "maximum")
+
     def __init__(self):
-        self.connected = self.open = self.echoes_sent = self.echoes_verified = 0
-        self.bytes_verified = self.lost = self.corrupted = 0
-        self.failed = {}
-        self.rtt = Reservoir()
-        self.connect = Reservoir()
+        self.counts = collections.Counter()
+        self.maximum = 0.0
 
-    def fail(self, reason):
-        self.failed[reason] = self.failed.get(reason, 0) + 1
+    def add(self, seconds):
+        self.counts[bucket(seconds)] += 1
+        if seconds > self.maximum:
+            self.maximum = seconds
 
-    def line(self, done=False):
-        return json.dumps({
-            "connected": self.connected, "open": self.open, "failed": self.failed,
-            "echoes_sent": self.echoes_sent, "echoes_verified": self.echoes_verified,
-            "bytes_verified": self.bytes_verified, "lost": self.lost,
-            "corrupted": self.corrupted, "rtt": [round(v, 6) for v in self.rtt.values],
-            "connect": [round(v, 6) for v in self.connect.values], "done": done})
+    def export(self):
+        return {"counts": {str(k): v for k, v in self.counts.items()},
+                "max": round(self.maximum, 6)}
 
 
-def failure_reason(error):
-    """A short, stable name for why a connect failed."""
-    if isinstance(error, (TimeoutError, socket.timeout)):
-        return "timeout"
-    names = {errno.ECONNREFUSED: "refused", errno.ECONNRESET: "reset",
-             errno.EADDRNOTAVAIL: "no_source_port", errno.EMFILE: "client_out_of_fds"}
-    return names.get(getattr(error, "errno", None), type(error).__name__)
+class Client:
+    __slots__ = ("number", "sock", "fd", "connecting_since", "slot", "sequence", "in_flight",
+                 "received", "outgoing", "local", "wanted")
+
+    def __init__(self, number):
+        self.number = number
+        self.sock = None
+        self.fd = -1
+        self.connecting_since = None
+        self.slot = None
+        self.sequence = 0
+        self.in_flight = collections.deque()  # (sequence, sent at, message)
+        self.received = b""  # bytes of an echo not yet complete
+        self.outgoing = b""  # bytes the socket did not take yet (rare: 16 + payload bytes)
+        self.local = None  # "host:port" of our end, once connected
+        self.wanted = True  # False once this process decided to stop using the connection
 
 
-def receive_exactly(connection, size):
-    chunks, left = [], size
-    while left:
-        chunk = connection.recv(left)
-        if not chunk:
-            raise ConnectionResetError(errno.ECONNRESET, "closed mid-echo")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-class Clients:
+class Soak:
     def __init__(self, options):
         self.options = options
-        self.stats = Stats()
-        self.stopping = Event()
-        self.ramped = Event()  # set once every client connected or failed
-        self.settled = 0  # clients that connected or failed for good
-        host, _, port = options.target.rpartition(":")
-        self.target = (host.strip("[]"), int(port))
+        self.targets = []
+        for text in options.target.split(","):
+            host, _, port = text.strip().rpartition(":")
+            self.targets.append((host.strip("[]"), int(port)))
         self.sources = [f"127.0.{options.index + 2}.{k + 1}" for k in range(SOURCES_PER_PROCESS)]
+        self.message_size = HEADER.size + options.payload
+        self.slots = max(1, round(options.interval / TICK))
+        self.wheel = collections.defaultdict(set)  # slot -> clients sending on it
+        self.poller = select.epoll()
+        self.by_fd = {}
+        self.connecting = {}  # fd -> client, while its connect is in progress
+        self.clients = [Client(number) for number in range(options.clients)]
+        self.started_clients = 0
+        self.settled = 0  # clients whose first connect succeeded or failed for good
+        self.sending = True
+        self.churn = min(1.0, options.churn * options.interval)  # chance to reconnect per echo
+        self.counts = collections.Counter()  # connected, open, echoes_sent, echoes_verified,
+        # bytes_verified, late, lost, corrupted, cut
+        self.failed = collections.Counter()
+        self.cut_seen = collections.Counter()
+        self.cuts = []  # [{"client", "seen", "in_flight"}] up to CUTS_LISTED
+        self.rtt = Histogram()
+        self.late = Histogram()  # delays of the late echoes
+        self.connect_time = Histogram()
+        self.lag = Histogram()
+        self.window_rtt = Histogram()  # since the last report line
+        self.window_lag = Histogram()
 
-    def connect(self, number):
-        started = time.monotonic()
-        connection = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # connecting ------------------------------------------------------------------------------
+
+    def connect(self, client, now):
+        target = self.targets[client.number % len(self.targets)]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
         try:
-            connection.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            connection.bind((self.sources[number % len(self.sources)], 0))
-            connection.settimeout(CONNECT_TIMEOUT)
-            connection.connect(self.target)
-        except BaseException:
-            connection.close()
-            raise
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connection.settimeout(ECHO_TIMEOUT)
-        self.stats.connect.add(time.monotonic() - started)
-        return connection
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.sources[client.number % len(self.sources)], 0))
+            code = sock.connect_ex(target)
+        except OSError as error:
+            sock.close()
+            self.connect_failed(client, error.errno)
+            return
+        if code not in (0, errno.EINPROGRESS):
+            sock.close()
+            self.connect_failed(client, code)
+            return
+        client.sock, client.fd, client.connecting_since = sock, sock.fileno(), now
+        client.received = client.outgoing = b""
+        client.in_flight.clear()
+        client.wanted = True
+        self.by_fd[client.fd] = client
+        self.connecting[client.fd] = client
+        self.poller.register(client.fd, EPOLLOUT)
 
-    def echo(self, connection, number, sequence):
-        """Send one message and verify its echo; False when the connection is unusable."""
-        size = self.options.payload
-        offset = (sequence * 7919 + number * 104729) % (len(PATTERN) - size)
-        payload = PATTERN[offset:offset + size]
-        message = HEADER.pack(sequence, size, zlib.crc32(payload)) + payload
-        self.stats.echoes_sent += 1
-        started = time.monotonic()
-        try:
-            connection.sendall(message)
-            reply = receive_exactly(connection, len(message))
-        except OSError:
-            self.stats.lost += 1
-            return False
-        self.stats.rtt.add(time.monotonic() - started)
-        got_sequence, got_size, got_crc = HEADER.unpack_from(reply)
-        if reply != message or got_crc != zlib.crc32(reply[HEADER.size:]):
-            self.stats.corrupted += 1
-            return False
-        self.stats.echoes_verified += 1
-        self.stats.bytes_verified += len(message)
-        return True
+    def connected(self, client, now):
+        code = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        del self.connecting[client.fd]
+        if code:
+            self.drop_socket(client)
+            self.connect_failed(client, code)
+            return
+        self.poller.modify(client.fd, EPOLLIN)
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        host, port = client.sock.getsockname()[:2]
+        client.local = f"{host}:{port}"
+        self.connect_time.add(now - client.connecting_since)
+        client.connecting_since = None
+        self.counts["connected"] += 1
+        self.counts["open"] += 1
+        if client.slot is None:
+            client.slot = random.randrange(self.slots)
+            self.settle()
+        self.wheel[client.slot].add(client)
 
-    def settle_one(self):
-        """One more client connected or failed; the ramp ends when all have."""
+    def connect_failed(self, client, code):
+        names = {errno.ECONNREFUSED: "refused", errno.ECONNRESET: "reset",
+                 errno.ETIMEDOUT: "timeout", errno.EADDRNOTAVAIL: "no_source_port",
+                 errno.EMFILE: "client_out_of_fds", errno.ENFILE: "client_out_of_fds"}
+        self.failed[names.get(code, errno.errorcode.get(code, str(code)))] += 1
+        if client.slot is None:  # its first connect: that client is settled, for good
+            client.slot = -1
+            self.settle()
+        elif client.slot >= 0:
+            self.wheel[client.slot].discard(client)
+
+    def settle(self):
         self.settled += 1
         if self.settled == self.options.clients:
-            self.ramped.set()
+            print(json.dumps({"ramped": time.monotonic() - self.t0}), flush=True)
 
-    def client(self, number):
-        """One client: connect, echo every interval, reconnect on churn, until stopped."""
+    def drop_socket(self, client):
+        self.poller.unregister(client.fd)
+        del self.by_fd[client.fd]
+        client.sock.close()
+        client.sock, client.fd = None, -1
+
+    def close(self, client):
+        """This process is done with the connection: close it."""
+        if client.slot is not None and client.slot >= 0:
+            self.wheel[client.slot].discard(client)
+        self.counts["open"] -= 1
+        self.drop_socket(client)
+
+    # echoes ----------------------------------------------------------------------------------
+
+    def send(self, client, now):
+        if self.churn and not client.in_flight and random.random() < self.churn:
+            self.close(client)
+            self.wheel[client.slot].add(client)  # keeps its slot across the reconnect
+            self.connect(client, now)
+            return
+        size = self.options.payload
+        sequence = client.sequence
+        client.sequence += 1
+        offset = (sequence * 7919 + client.number * 104729) % (len(PATTERN) - size)
+        payload = PATTERN[offset:offset + size]
+        message = HEADER.pack(sequence, size, zlib.crc32(payload)) + payload
+        client.in_flight.append((sequence, now, message))
+        self.counts["echoes_sent"] += 1
+        if client.outgoing:
+            client.outgoing += message
+            return
+        try:
+            sent = client.sock.send(message)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            self.cut(client, error)
+            return
+        if sent < len(message):
+            client.outgoing = message[sent:]
+            self.poller.modify(client.fd, EPOLLIN | EPOLLOUT)
+
+    def flush(self, client):
+        try:
+            sent = client.sock.send(client.outgoing)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self.cut(client, error)
+            return
+        client.outgoing = client.outgoing[sent:]
+        if not client.outgoing:
+            self.poller.modify(client.fd, EPOLLIN)
+
+    def receive(self, client, now):
+        try:
+            data = client.sock.recv(RECEIVE)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self.cut(client, error)
+            return
+        if not data:
+            self.cut(client, None)
+            return
+        buffer = client.received + data if client.received else data
+        size, position = self.message_size, 0
+        while len(buffer) - position >= size:
+            if not self.match(client, buffer[position:position + size], now):
+                return  # corrupted: the connection was closed
+            position += size
+        client.received = buffer[position:]
+
+    def match(self, client, reply, now):
+        """Check one echoed message against the oldest in flight; False if it was corrupted."""
+        sequence, size, crc = HEADER.unpack_from(reply)
+        in_flight = client.in_flight
+        while in_flight and in_flight[0][0] < sequence:  # overtaken: can never come back
+            in_flight.popleft()
+            self.counts["lost"] += 1
+        if (not in_flight or in_flight[0][0] != sequence or reply != in_flight[0][2]
+                or crc != zlib.crc32(reply[HEADER.size:])):
+            self.counts["corrupted"] += 1
+            self.close(client)  # its stream cannot be trusted any more
+            return False
+        _, sent, _ = in_flight.popleft()
+        rtt = now - sent
+        self.rtt.add(rtt)
+        self.window_rtt.add(rtt)
+        if rtt > self.options.late_after:
+            self.counts["late"] += 1
+            self.late.add(rtt)
+        self.counts["echoes_verified"] += 1
+        self.counts["bytes_verified"] += len(reply)
+        return True
+
+    def cut(self, client, error):
+        """The far side ended a connection this process still wanted."""
+        seen = "close" if error is None else (
+            "reset" if error.errno in (errno.ECONNRESET, errno.EPIPE) else
+            errno.errorcode.get(error.errno, str(error.errno)))
+        self.counts["cut"] += 1
+        self.cut_seen[seen] += 1
+        if len(self.cuts) < CUTS_LISTED:
+            self.cuts.append({"client": client.local, "seen": seen,
+                              "in_flight": len(client.in_flight)})
+        self.counts["cut_in_flight"] += len(client.in_flight)
+        self.close(client)
+
+    # the loop --------------------------------------------------------------------------------
+
+    def tick(self, number, now):
         options = self.options
-        first = True
-        churn = min(1.0, options.churn * options.interval)  # chance to reconnect per echo
-        while not self.stopping.is_set():
-            try:
-                connection = self.connect(number)
-            except OSError as error:
-                self.stats.fail(failure_reason(error))
-                if first:
-                    self.settle_one()
-                return
-            if first:
-                self.settle_one()
-                first = False
-            self.stats.connected += 1
-            self.stats.open += 1
-            sequence, healthy = 0, True
-            try:
-                if self.stopping.wait(random.uniform(0, options.interval)):
-                    break
-                while healthy and not self.stopping.is_set():
-                    healthy = self.echo(connection, number, sequence)
-                    sequence += 1
-                    if churn and random.random() < churn:
-                        break
-                    if self.stopping.wait(options.interval):
-                        break
-            finally:
-                self.stats.open -= 1
-                connection.close()
-            if not healthy:
-                return
+        if self.started_clients < options.clients:  # the ramp: --rate connects per second
+            due = min(options.clients, math.ceil((number + 1) * TICK * options.rate))
+            while self.started_clients < due:
+                self.connect(self.clients[self.started_clients], now)
+                self.started_clients += 1
+        if self.sending:
+            for client in list(self.wheel.get(number % self.slots, ())):
+                if client.sock is not None and client.connecting_since is None:
+                    self.send(client, now)
+        if number % 100 == 0 and self.connecting:  # connect timeouts, once a second
+            for client in [c for c in self.connecting.values()
+                           if now - c.connecting_since > CONNECT_TIMEOUT]:
+                del self.connecting[client.fd]
+                self.drop_socket(client)
+                self.connect_failed(client, errno.ETIMEDOUT)
+        if number % REPORT_EVERY == 0:
+            self.report()
 
     def run(self):
         options = self.options
-        reporter = gevent.spawn(self.report)
-        clients = []
-        started = time.monotonic()
-        batch = max(1, int(options.rate / 100))  # clients started per 10 ms tick
-        for number in range(options.clients):
-            clients.append(gevent.spawn(self.client, number))
-            if (number + 1) % batch == 0:
-                due = started + (number + 1) / options.rate
-                gevent.sleep(max(0.0, due - time.monotonic()))
-        self.ramped.wait()  # every client of this process connected (or failed for good)
-        print(json.dumps({"ramped": time.monotonic() - started}), flush=True)
-        self.stopping.wait(options.duration)  # the hold
-        self.stopping.set()
-        gevent.joinall(clients, timeout=ECHO_TIMEOUT + 5)
-        reporter.kill()
-        print(self.stats.line(done=True), flush=True)
-
-    def report(self):
+        self.t0 = time.monotonic()
+        poll, by_fd, connecting = self.poller.poll, self.by_fd, self.connecting
+        number = 0
+        hold_ends = drain_ends = None
         while True:
-            gevent.sleep(REPORT_EVERY)
-            print(self.stats.line(), flush=True)
+            now = time.monotonic()
+            scheduled = self.t0 + number * TICK
+            if now >= scheduled:
+                lag = now - scheduled
+                self.lag.add(lag)
+                self.window_lag.add(lag)
+                self.tick(number, now)
+                number += 1
+                if hold_ends is None and self.settled == options.clients:
+                    hold_ends = now + options.duration
+                if hold_ends is not None and self.sending and now >= hold_ends:
+                    self.sending = False
+                    drain_ends = now + options.drain
+                if drain_ends is not None and number % 10 == 0 and (now >= drain_ends or not any(
+                        c.in_flight for c in self.clients if c.sock is not None)):
+                    break  # every echo came back, or the drain time is over
+                continue
+            for fd, events in poll(scheduled - now):
+                client = by_fd.get(fd)
+                if client is None:
+                    continue
+                now = time.monotonic()
+                if fd in connecting:
+                    self.connected(client, now)
+                    continue
+                if events & EPOLLOUT and client.outgoing:
+                    self.flush(client)
+                if events & (EPOLLIN | EPOLLERR_HUP) and client.sock is not None:
+                    self.receive(client, now)
+        for client in self.clients:  # still missing at the end of the drain: lost
+            if client.sock is not None:
+                self.counts["lost"] += len(client.in_flight)
+        self.report(done=True)
+        for client in self.clients:
+            if client.sock is not None:
+                self.close(client)
+
+    def report(self, done=False):
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        line = {**{key: self.counts[key] for key in (
+            "connected", "open", "echoes_sent", "echoes_verified", "bytes_verified", "late",
+            "lost", "corrupted", "cut", "cut_in_flight")},
+            "failed": dict(self.failed), "cut_seen": dict(self.cut_seen),
+            "cuts": self.cuts, "rtt": self.rtt.export(), "late_delay": self.late.export(),
+            "connect": self.connect_time.export(), "lag": self.lag.export(),
+            "window_rtt": self.window_rtt.export(), "window_lag": self.window_lag.export(),
+            "cpu": round(usage.ru_utime + usage.ru_stime, 3), "done": done}
+        self.window_rtt, self.window_lag = Histogram(), Histogram()
+        print(json.dumps(line, separators=(",", ":")), flush=True)
 
 
 def main(argv=None):
@@ -214,11 +389,12 @@ def main(argv=None):
                        ("--duration", float), ("--interval", float), ("--payload", int),
                        ("--churn", float), ("--index", int)):
         parser.add_argument(name, type=kind, required=True)
+    parser.add_argument("--late-after", type=float, default=1.0)
+    parser.add_argument("--drain", type=float, default=30.0)
     options = parser.parse_args(argv)
-    import resource
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    Clients(options).run()
+    Soak(options).run()
     return 0
 
 
