@@ -41,7 +41,11 @@ from gconn.sockets import open_descriptors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where tools/ lives
 CLIENTS_PER_PROCESS = 16_000  # client sockets per client process (limit 20,000 descriptors)
-CONNECTIONS_PER_ECHO_PORT = 20_000  # below the ~28,000 ephemeral ports per source/destination
+# gconn's connections per echo port: far below the 28,232 ephemeral ports per source address
+# and destination, and below the 14,116 even ones that connect() tries first.  Past those a
+# connect's search for a free port costs 16-20x more (1.1-1.5 ms instead of 70 us, measured),
+# which at 14,300 per port made gconn's connects the costliest thing on the box.
+CONNECTIONS_PER_ECHO_PORT = 5_000
 CONNECTIONS_PER_ECHO_PROCESS = 16_000  # echo sockets per echo process
 WORKER_HEADROOM = 1.25  # gconn workers for this many times the clients (accepts spread unevenly)
 DESCRIPTOR_RESERVE = 64  # as gconn.sockets: descriptors a worker keeps for itself
@@ -93,8 +97,8 @@ def parse_args(argv):
                         help="gconn workers to start (0: enough for the descriptor limit)")
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON here")
     parser.add_argument("--plot", metavar="FILE.png",
-                        help="draw concurrency, echo p99, harness lag and gconn's memory and "
-                             "descriptors over time (needs matplotlib)")
+                        help="draw concurrency, echo p99, harness lag, gconn's memory and "
+                             "descriptors, and CPU use over time (needs matplotlib)")
     parser.add_argument("--no-second-wave", dest="second_wave", action="store_false",
                         help="skip the leak check's second wave (connect all, close at once)")
     parser.add_argument("--echo-args", default="", help=argparse.SUPPRESS)  # tests: bad echo
@@ -625,7 +629,7 @@ def outcome(options, phase):
         "ramp_s": None if ramp is None else round(ramp, 2),
         "connect_rate_per_s": None if not ramp else round(options.clients / ramp),
         "harness": {
-            "lag_ms": {key: value for key, value in summary_ms(total["lag"]).items()},
+            "lag_ms": summary_ms(total["lag"]),
             "per_process": total["per_process"],
             "cpu_seconds": {key: None if value is None else round(value, 2)
                             for key, value in cpu.items() if key != "gconn"},
@@ -638,7 +642,7 @@ def outcome(options, phase):
         "cpu_per_echo_in_hold_us": hold_costs(phase["timeline"]),
     }
     result["saturated_s"] = saturated_seconds(phase["timeline"])
-    result["machine_saturated"] = used / available > SATURATED or result["saturated_s"] > 0
+    result["machine_saturated"] = used / available > SATURATED or result["saturated_s"] >= 2
     return result
 
 
@@ -854,13 +858,14 @@ def load_pyplot(tool):
 
 
 def plot(report, path):
-    """One PNG: concurrency, echo p99 (direct and through gconn), harness lag, and gconn's RSS
-    and descriptors, over the run's seconds."""
+    """One PNG over the run's seconds: concurrency, echo p99 (direct and through gconn),
+    harness lag, gconn's RSS and descriptors, and the CPU cores gconn and the harness kept
+    busy (so that a latency rise can be told from a saturated machine)."""
     plt = load_pyplot("gconn-soak")
     if plt is None:
         return
     timeline = report["timeline"]
-    figure, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
+    figure, axes = plt.subplots(5, 1, figsize=(9, 12), sharex=True)
     for phase, style in (("direct", "--"), ("gconn", "-")):
         points = [p for p in timeline if p["phase"] == phase]
         if not points:
@@ -873,6 +878,11 @@ def plot(report, path):
                      label=f"echo p99, {way}")
         axes[2].plot(times, [p["lag_p99_ms"] for p in points], style, color="tab:purple",
                      label=f"client loop lag p99 ({phase})")
+        pairs = list(itertools.pairwise(points))
+        for parts, color in ((("gconn",), "tab:blue"), (("gconn", "harness"), "tab:brown")):
+            axes[4].plot([b["t"] for _, b in pairs],
+                         [sum(cores_used(a, b, part) for part in parts) for a, b in pairs],
+                         style, color=color, label=f"{' + '.join(parts)} ({phase})")
         if phase == "gconn":
             axes[3].plot(times, [p.get("rss_mb") for p in points], color="tab:green",
                          label="gconn RSS MB")
@@ -885,7 +895,11 @@ def plot(report, path):
     axes[1].set_yscale("log")
     axes[2].set_ylabel("harness lag ms")
     axes[3].set_ylabel("RSS MB", color="tab:green")
-    axes[3].set_xlabel("seconds since start")
+    axes[4].axhline(os.cpu_count() or 1, color="grey", linewidth=0.8, linestyle=":",
+                    label="all cores")
+    axes[4].set_ylabel("CPU cores used")
+    axes[4].set_xlabel("seconds since start")
+    axes[4].legend(loc="upper left", fontsize="small")
     axes[1].axhline(report["late_after_s"] * 1000, color="grey", linewidth=0.8, linestyle=":",
                     label="late after")
     for axis in axes[:3]:
@@ -897,6 +911,14 @@ def plot(report, path):
                       f"late {report['late']})")
     figure.tight_layout()
     figure.savefig(path)
+
+
+def cores_used(before, after, part):
+    """CPU cores ``part`` (gconn, or the harness: clients, echo and soak) kept busy between two
+    timeline points."""
+    keys = ("gconn",) if part == "gconn" else ("clients", "echo", "soak")
+    used = sum((after["cpu"][key] or 0) - (before["cpu"][key] or 0) for key in keys)
+    return used / (after["t"] - before["t"]) if after["t"] > before["t"] else 0.0
 
 
 def main(argv=None):
