@@ -412,6 +412,9 @@ class Progress:
         from tqdm import tqdm
         stage = "ramp" if hold_elapsed is None else "hold"
         if stage != self.stage:
+            if self.bar is not None:  # the ramp is over: every client connected or failed
+                self.bar.n = self.bar.total
+                self.bar.refresh()
             self.close()
             self.stage = stage
             total_units = clients if stage == "ramp" else self.options.duration
