@@ -2,12 +2,14 @@
 worker stamps its liveness and says whether it serves every route or is draining.
 
 The supervisor owns the page and hands out slots (a reload's new workers take new ones); a
-worker only writes its own slot.  No locks: each slot has one writer, and a torn read of a
-stamp at worst delays a verdict by one check.
+worker only writes its own slot.  No locks: each slot has one writer, and a stamp is one
+aligned 8-byte store and load (through a memoryview of doubles), which the CPU never tears.
+Not ``struct.pack_into``: it zeroes its destination before writing, so a supervisor reading in
+between saw a stamp of 0 and killed a healthy worker as silent for the machine's uptime (a
+100,000-client soak lost one worker's 7,677 connections that way).
 """
 
 import mmap
-import struct
 import time
 
 HEARTBEAT_SLOTS = 4096  # worker slots in the shared heartbeat page (reloads take new ones)
@@ -20,6 +22,7 @@ class Heartbeats:
     def __init__(self, slots=HEARTBEAT_SLOTS):
         self.slots = slots
         self.page = mmap.mmap(-1, 9 * slots)  # 8-byte stamps, then one ready byte per slot
+        self.stamps = memoryview(self.page)[:8 * slots].cast("d")
         self.free = list(range(slots - 1, -1, -1))
 
     def take(self):
@@ -53,8 +56,9 @@ class Heartbeats:
 
     def beat(self, slot):
         """Stamp ``slot`` with the current monotonic time (called by the worker)."""
-        struct.pack_into("d", self.page, 8 * slot, time.monotonic())
+        self.stamps[slot] = time.monotonic()
 
     def age(self, slot):
         """Seconds since ``slot`` was last stamped."""
-        return time.monotonic() - struct.unpack_from("d", self.page, 8 * slot)[0]
+        stamp = self.stamps[slot]  # first: a stamp written after the clock read is not an age
+        return time.monotonic() - stamp

@@ -15,6 +15,7 @@ import psutil
 import pytest
 from conftest import Daemon, connect, echo_roundtrip, which_tag
 
+from gconn.heartbeat import Heartbeats
 from gconn.supervisor import capacity, workers_needed
 
 STREAM = 4 * 1024 * 1024  # bytes each verified stream sends in two halves
@@ -348,3 +349,28 @@ def test_check_config_prints_the_capacity_warnings_the_supervisor_logs(tmp_path,
     processes.append(daemon)
     for warning in warnings:
         daemon.wait_contains(warning)  # the supervisor logs the very same sentence
+
+
+def test_a_heartbeat_being_stamped_never_reads_as_silent():
+    """A worker stamping its slot while the supervisor reads it: every read is a real stamp.
+    (struct.pack_into zeroed the slot before writing it: 16,094 of 1.4 million reads saw 0,
+    and under load the supervisor killed a healthy worker as silent for the uptime.)"""
+    beats = Heartbeats(slots=4)
+    slot = beats.take()
+    child = os.fork()
+    if child == 0:  # the worker: stamp as fast as it can for a second
+        try:
+            until = time.monotonic() + 1.0
+            while time.monotonic() < until:
+                beats.beat(slot)
+        finally:
+            os._exit(0)
+    reads = implausible = 0
+    try:
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            reads += 1
+            implausible += not 0 <= beats.age(slot) < 5
+    finally:
+        os.waitpid(child, 0)
+    assert reads > 10_000 and implausible == 0
