@@ -49,14 +49,19 @@ def parse_fault(text):
     """``KIND@OFFSET[:ARGUMENT]`` -> (kind, offset, argument); ValueError says what is wrong."""
     kind, _, rest = text.partition("@")
     offset, _, argument = rest.partition(":")
-    if kind not in FAULT_KINDS or not offset.isdigit():
-        raise ValueError(f"expected KIND@OFFSET[:ARGUMENT] with KIND one of "
-                         f"{', '.join(FAULT_KINDS)}, got {text!r}")
-    if kind == "drop":
-        return kind, int(offset), int(argument or 1)
-    if kind == "delay":
-        return kind, int(offset), float(argument or 1.0)
-    return kind, int(offset), None
+    try:
+        if kind not in FAULT_KINDS or not offset.isdigit():
+            raise ValueError
+        if kind == "drop":
+            return kind, int(offset), int(argument or 1)
+        if kind == "delay":
+            return kind, int(offset), float(argument or 1.0)
+        if argument:
+            raise ValueError
+        return kind, int(offset), None
+    except ValueError:
+        raise ValueError(f"{text!r}: expected flip@OFFSET, drop@OFFSET:COUNT, "
+                         f"delay@OFFSET:SECONDS or reset@OFFSET") from None
 
 
 class Echo:

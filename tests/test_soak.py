@@ -137,9 +137,22 @@ def test_a_destination_reset_mid_echo_is_cut_with_gconns_end_reason(tmp_path):
     for cut in listed:
         assert cut["client"].startswith("127.0.2.") and cut["in_flight"] == 1
         assert cut["end"] == "destination_closed" and "reset" in cut["error"]
-    assert any("200 connections cut (200 destination_closed)" in p for p in report["problems"])
+    assert report["cut_listed"] == 200
+    assert any("200 connections cut (of 200 listed: 200 destination_closed)" in p
+               for p in report["problems"])
     assert report["harness_bottleneck"]
     assert "warning: the harness, not gconn, is the bottleneck" in output
+
+
+@pytest.mark.parametrize("fault", ["bogus@1", "delay@x:1", "drop@80:many", "reset@80:2"])
+def test_echo_refuses_a_bad_fault_clearly(fault):
+    """gconn-echo --fault with a wrong kind, offset or argument: exit 2 and one line that
+    names the value and what is allowed, no traceback."""
+    result = subprocess.run([sys.executable, "-m", "gconn.echo", "--bind", "127.0.0.1:0",
+                             "--fault", fault], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr == (f"gconn-echo: --fault: {fault!r}: expected flip@OFFSET, "
+                             f"drop@OFFSET:COUNT, delay@OFFSET:SECONDS or reset@OFFSET\n")
 
 
 def test_late_echoes_fail_the_run_only_beyond_the_users_threshold():

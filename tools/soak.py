@@ -529,6 +529,9 @@ def run(options):
     settled = after = None
     if probe and not gconn_died:
         settled, after = settle(probe, baseline)
+    # before the second wave, whose connections reuse the clients' addresses and ports
+    ends = read_access_log(access_log) if phase["total"]["cut"] else {}
+    if probe and not gconn_died:
         if settled and options.second_wave:
             print("gconn-soak: second wave (connect all, close at once) for the leak check",
                   flush=True)
@@ -541,8 +544,7 @@ def run(options):
                          cpu=second["cpu"] if second else after["cpu"])
         gconn_died = not probe.alive()
     phase["gconn_died"] = gconn_died
-    report = build_report(options, target, phase, baseline, after, settled, baseline_phase,
-                          read_access_log(access_log))
+    report = build_report(options, target, phase, baseline, after, settled, baseline_phase, ends)
     fleet.stop_all()
     return report, verdict(report, options)
 
@@ -688,11 +690,12 @@ def build_report(options, target, phase, baseline, after, settled, baseline_phas
         if ends is None:
             end = "unknown (gconn's access log is not the soak's)"
         elif end is None:
-            end = "not in gconn's access log"
+            end = "no access-log line"
         reasons[end] += 1
         cuts.append(dict(cut, end=end, error=error))
     report["cut_seen"] = dict(total["cut_seen"])
-    report["cut_end_reasons"] = dict(reasons)
+    report["cut_end_reasons"] = dict(reasons)  # of the cuts listed (up to 500 per process)
+    report["cut_listed"] = len(cuts)
     report["cut_connections"] = cuts[:CUTS_REPORTED]
     report["cut_echoes_in_flight"] = total["cut_in_flight"]
     report["gconn_died"] = phase["gconn_died"]
@@ -752,7 +755,8 @@ def verdict(report, options):
     if report["cut"]:
         reasons = ", ".join(f"{count} {reason}" for reason, count in
                             report["cut_end_reasons"].items())
-        problems.append(f"{report['cut']} connections cut ({reasons})")
+        problems.append(f"{report['cut']} connections cut (of {report['cut_listed']} "
+                        f"listed: {reasons})")
     if report["echoes_sent"] and report["late"] * 100 / report["echoes_sent"] > options.max_late:
         problems.append(f"{report['late']} late echoes (over {options.max_late:g} % of "
                         f"{report['echoes_sent']}; slowest {report['late_delay_ms']['max']} ms)")
@@ -793,7 +797,8 @@ def print_table(report, options):
             ("echo RTT ms p50 / p99 / max", ms(report["echo_rtt_ms"]))]
     if report["cut"]:
         rows.append(("cut: client saw / gconn logged",
-                     f"{report['cut_seen']} / {report['cut_end_reasons']}"))
+                     f"{report['cut_seen']} / {report['cut_end_reasons']} (of "
+                     f"{report['cut_listed']} listed)"))
     baseline = report.get("baseline")
     if baseline:
         added = baseline["added_latency_ms"]

@@ -84,7 +84,7 @@ class Histogram:
 
 class Client:
     __slots__ = ("number", "sock", "fd", "connecting_since", "slot", "sequence", "in_flight",
-                 "received", "outgoing", "local", "wanted")
+                 "received", "outgoing", "local")
 
     def __init__(self, number):
         self.number = number
@@ -97,7 +97,6 @@ class Client:
         self.received = b""  # bytes of an echo not yet complete
         self.outgoing = b""  # bytes the socket did not take yet (rare: 16 + payload bytes)
         self.local = None  # "host:port" of our end, once connected
-        self.wanted = True  # False once this process decided to stop using the connection
 
 
 class Soak:
@@ -152,7 +151,6 @@ class Soak:
         client.sock, client.fd, client.connecting_since = sock, sock.fileno(), now
         client.received = client.outgoing = b""
         client.in_flight.clear()
-        client.wanted = True
         self.by_fd[client.fd] = client
         self.connecting[client.fd] = client
         self.poller.register(client.fd, EPOLLOUT)
