@@ -80,7 +80,10 @@ class Acceptor(StreamServer):
         """Spawn the client's greenlet into the pool, or shed it at once (never waits)."""
         route = self.route
         route.accepted += 1
-        if route.blocker.blocked(client_host(address), time.monotonic()):
+        # behind a balancer (accept-proxy) the peer is the balancer: the connection's
+        # greenlet checks the client its PROXY header names instead
+        if not route.reads_proxy and route.blocker.blocked(client_host(address),
+                                                           time.monotonic()):
             route.admission.count_shed(BLOCKED_HOST)
             return route.shed(client, address, BLOCKED_HOST,
                               "client host blocked after max-connect-errors failures")

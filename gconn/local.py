@@ -50,7 +50,7 @@ class ConnectionContext:
     """What is known about one connection: who, by which route, to where, how far, how many bytes.
 
     ``bytes_up`` counts client-to-destination bytes and ``bytes_down`` destination-to-client bytes;
-    ``started`` is seconds since the epoch. ``__slots__`` keeps one instance at 104 bytes, which
+    ``started`` is seconds since the epoch. ``__slots__`` keeps one instance at 112 bytes, which
     matters at 50,000+ live connections.
     """
 
@@ -58,6 +58,7 @@ class ConnectionContext:
         "id",
         "route",
         "client",
+        "via",
         "destination",
         "started",
         "bytes_up",
@@ -70,6 +71,7 @@ class ConnectionContext:
         self.id = id
         self.route = route
         self.client = client
+        self.via = None  # the balancer's address when a PROXY header named the client
         self.destination = None
         self.started = time.time() if started is None else started
         self.bytes_up = 0
@@ -82,6 +84,7 @@ class ConnectionContext:
             "id": self.id,
             "route": self.route,
             "client": self.client,
+            "via": self.via,
             "destination": self.destination,
             "phase": self.phase,
             "started": self.started,

@@ -7,10 +7,11 @@ blanks quoted), so that both people and ``grep``/log shippers read it:
     destination=10.0.0.5:3306 bytes_up=120 bytes_down=5321 duration=0.042 end=client_closed
 
 (one line in the log).  ``end`` is one of client_closed, destination_closed, idle_timeout,
-connect_failed, fd_exhausted, shutdown, error, or a shed reason (queue_full, queue_timeout,
-no_destination, blocked_host).  A connection that ended abnormally (a reset, a failed connect,
-a timeout, a shed, a shutdown cut, a bug) has a last field ``error="<what happened>"``, read
-from its greenlet's error state.
+connect_failed, fd_exhausted, shutdown, error, bad_proxy_header, or a shed reason (queue_full,
+queue_timeout, no_destination, blocked_host).  When a PROXY header named the client, ``client``
+is the address it carried and ``via`` (after it) the balancer's.  A connection that ended
+abnormally (a reset, a failed connect, a timeout, a shed, a shutdown cut, a bug) has a last
+field ``error="<what happened>"``, read from its greenlet's error state.
 """
 
 import logging
@@ -76,8 +77,10 @@ def format_time(epoch_seconds):
 def access_line(context, end, duration, error=None):
     """The access-log line of a finished connection; ``error`` (why it ended abnormally, from
     its greenlet's error state) is added last when there is one."""
-    fields = (
-        ("conn", context.id), ("route", context.route), ("client", context.client),
+    fields = (("conn", context.id), ("route", context.route), ("client", context.client))
+    if context.via:
+        fields += (("via", context.via),)
+    fields += (
         ("destination", context.destination or "-"), ("bytes_up", context.bytes_up),
         ("bytes_down", context.bytes_down), ("duration", f"{duration:.3f}"), ("end", end),
     )

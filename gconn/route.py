@@ -38,6 +38,7 @@ class Route:
         self.health = HealthChecks(self)
         self.admission = Admission(config.max_connections, config.max_queued)
         self.blocker = HostBlocker(config.max_connect_errors, config.blocked_host_time)
+        self.reads_proxy = config.accept_proxy != "no"  # a PROXY header first, then the rest
         self.pool = Pool(config.max_connections + config.max_queued)  # the forwarding pool
         self.accept_pauses = 0  # times accepting paused for descriptors (admin: accept_pauses)
         self.accepted = 0  # clients accepted (metrics.flush publishes the plain counts)

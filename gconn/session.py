@@ -3,13 +3,15 @@
 The route's acceptor spawns ``Session.run`` into the route's forwarding pool; everything done
 for the connection happens here, top to bottom: wait for an active slot (queued, in arrival
 order, up to queue-timeout), pick destinations, connect with failover, forward both directions
-(forward.py: this greenlet waits on both sockets itself), and finish: close both sockets exactly
-once, give the slot back, write the access-log line.  Errors are exceptions caught in one
-place, ``run``.  The connection's context and error state live on this greenlet (local.py), so
-every log line written here carries ``conn=`` and the access line carries ``error=`` when the
-connection ended abnormally.  The client is never read before a destination is connected (its
-first bytes wait in the kernel).  The session owns and closes both sockets; killing its
-greenlet (GreenletExit, the pool's kill at shutdown) ends it cleanly as ``shutdown``.
+(forward.py: this greenlet waits on both sockets itself), and finish: close both sockets
+exactly once, give the slot back, write the access-log line. Errors are exceptions caught in
+one place, ``run``. Behind a balancer (accept-proxy) the first step reads its PROXY header
+(protocols/proxy.py). The connection's context and error state live on this greenlet
+(local.py), so every log line written here carries ``conn=`` and the access line carries
+``error=`` when the connection ended abnormally. The client's bytes are never read before a
+destination is connected (they wait in the kernel), a PROXY header excepted. The session owns
+and closes both sockets; killing its greenlet (GreenletExit, the pool's kill at shutdown) ends
+it cleanly as ``shutdown``.
 """
 
 import logging
@@ -21,11 +23,12 @@ from gevent.event import Event
 from greenlet import getcurrent
 
 from . import local, metrics
-from .admission import ADMIT, NO_DESTINATION, QUEUE, QUEUE_TIMEOUT
+from .admission import ADMIT, BLOCKED_HOST, NO_DESTINATION, QUEUE, QUEUE_TIMEOUT
 from .errors import DestinationUnavailable, ResourceExhausted, Shed
 from .forward import Pump
 from .log import log_access
-from .sockets import connect, peer_name
+from .protocols import proxy
+from .sockets import client_host, connect, peer_name
 
 LOGGER = logging.getLogger("gconn.session")
 
@@ -100,6 +103,9 @@ class Session:
             end = self.serve()
         except Shed as shed:
             end = self.refuse(shed.reason, str(shed))
+        except proxy.ProxyHeaderError as error:  # a balancer's mistake or a spoofer: just close
+            local.set_error("bad_proxy_header", str(error))
+            end = "bad_proxy_header"
         except DestinationUnavailable as error:  # each failure is in the error state already
             LOGGER.warning("%s", error)
             end = "connect_failed"
@@ -122,6 +128,8 @@ class Session:
         if self.client.family != socket.AF_UNIX:
             # Nagle on our sends to the client plus its delayed ACK costs ~40 ms per reply
             self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if route.reads_proxy:
+            self.read_proxy_header()
         decision = route.admission.arrive(self)  # counts a queue_full shed itself
         if decision == ADMIT:
             self.has_slot = True
@@ -144,6 +152,27 @@ class Session:
         config = route.config
         self.pump = Pump(self.client, self.upstream, config.buffer_size, config.splice)
         return self.pump.run(config.idle_timeout)
+
+    def read_proxy_header(self):
+        """The route's first step behind a balancer: believe a PROXY header only from
+        accept-proxy-from, read it (proxy-header-timeout), and make the client it names this
+        connection's client everywhere (access log, blocked hosts, admin), the balancer's
+        address going to ``via``.  A v2 LOCAL header (the balancer's own health check) keeps
+        the balancer as the client.  ProxyHeaderError ends the connection."""
+        config = self.route.config
+        balancer = client_host(self.address)
+        if not proxy.in_networks(balancer, config.accept_proxy_from):
+            raise proxy.ProxyHeaderError(f"PROXY header not believed from {balancer} "
+                                         f"(not in accept-proxy-from)")
+        info = proxy.read_header(self.client, config.accept_proxy, config.proxy_header_timeout)
+        if info.command != "PROXY" or info.source is None:
+            return
+        self.context.via = self.context.client
+        self.address = info.source
+        self.context.client = peer_name(info.source)
+        if self.route.blocker.blocked(client_host(info.source), time.monotonic()):
+            self.route.admission.count_shed(BLOCKED_HOST)
+            raise Shed(BLOCKED_HOST, "client host blocked after max-connect-errors failures")
 
     def wait_for_slot(self):
         """Queued: wait for a slot handed over by ``give_slot``, up to queue-timeout;

@@ -11,6 +11,8 @@ import dataclasses
 import ipaddress
 import re
 
+from .protocols.proxy import parse_networks
+
 SECONDS = 1.0
 MILLISECONDS = SECONDS / 1000
 MINUTES = 60 * SECONDS
@@ -32,6 +34,7 @@ STRATEGIES = (
 )
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPS = ("default", "epoll", "poll", "select", "libuv")
+PROXY_VERSIONS = ("no", "v1", "v2", "any")  # accept-proxy: which PROXY headers are read
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _DURATION_UNITS = {"ms": MILLISECONDS, "s": SECONDS, "m": MINUTES, "h": HOURS, "d": DAYS,
@@ -302,6 +305,14 @@ SETTINGS = (
             "shed at once"),
     Setting("queue-timeout", ROUTE, parse_duration, "5s",
             "a client waiting longer than this for a slot is shed"),
+    Setting("accept-proxy", ROUTE, one_of(PROXY_VERSIONS), "no",
+            "read a PROXY protocol header (HAProxy's v1 text, v2 binary, or any) before "
+            "anything else; its client address becomes the connection's client"),
+    Setting("accept-proxy-from", ROUTE, parse_networks, "127.0.0.0/8, ::1",
+            "addresses and CIDR blocks whose PROXY headers are believed (the balancers); a "
+            "connection from anywhere else ends as bad_proxy_header"),
+    Setting("proxy-header-timeout", ROUTE, duration_at_least(0.001, "1ms"), "5s",
+            "how long a connection may take to send its whole PROXY header"),
     Setting("shed-message", ROUTE, parse_escaped_bytes, "",
             "bytes sent to a shed client before the close, so it can tell busy from down"),
     Setting("max-connect-errors", ROUTE, integer_between(0, 1_000_000_000), "100",

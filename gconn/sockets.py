@@ -194,6 +194,12 @@ def complete_connect(attempt, address, timeout):
     return connection
 
 
+def wait_readable(fileno, timeout):
+    """Wait in this greenlet until ``fileno`` is readable (True) or ``timeout`` passed (False).
+    (wait_writable's twin: one io watcher and one timer.)"""
+    return _wait(fileno, 1, timeout)
+
+
 def wait_writable(fileno, timeout):
     """Wait in this greenlet until ``fileno`` is writable (True) or ``timeout`` passed (False).
 
@@ -201,8 +207,12 @@ def wait_writable(fileno, timeout):
     socket.connect does with a Timeout, minus the exception machinery.  A kill (GreenletExit)
     while waiting is raised here, after both watchers are closed.
     """
+    return _wait(fileno, 2, timeout)
+
+
+def _wait(fileno, events, timeout):
     hub = get_hub()
-    watcher = hub.loop.io(fileno, 2)
+    watcher = hub.loop.io(fileno, events)
     timer = hub.loop.timer(timeout)
     try:
         switch = getcurrent().switch

@@ -1,18 +1,22 @@
 """The PROXY protocol, versions 1 and 2 (HAProxy's doc/proxy-protocol.txt): parse and build.
 
-Pure: bytes and address text in, values out; no sockets, no gevent.  The greenlet reading a
-client asks ``needed`` how many more bytes to read (never past the header, so no client payload
-is consumed), then calls ``parse``; the greenlet connecting a destination sends ``build_v1`` or
-``build_v2``.  ``in_networks`` says whether a peer is trusted to send a header at all: the spec
-requires receivers to take headers from trusted proxies only.
+All but the last function is pure: bytes and address text in, values out; no sockets. The
+greenlet reading a client (``read_header``, at the end) asks ``needed`` how many more bytes to
+read (never past the header, so no client payload is consumed), then calls ``parse``; the
+greenlet connecting a destination sends ``build_v1`` or ``build_v2``. ``in_networks`` says
+whether a peer is trusted to send a header at all: the spec requires receivers to take headers
+from trusted proxies only.
 """
 
 import ipaddress
 import re
+import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from gconn.errors import GconnError
+from gconn.sockets import wait_readable
 
 V1_MAX = 107  # longest v1 line with CRLF: "PROXY UNKNOWN", two full IPv6 addresses, two ports
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -375,3 +379,50 @@ def parse_networks(text):
         except ValueError as exc:
             raise ValueError(f"bad network {item!r}: {exc}") from None
     return tuple(networks)
+
+
+# the greenlet side ---------------------------------------------------------------------------
+
+def read_header(sock, accept, timeout):
+    """Read one PROXY header from the non-blocking ``sock`` in the calling greenlet, within
+    ``timeout`` seconds, and consume exactly its bytes: what follows it stays in the kernel
+    for the destination.  ProxyHeaderError when it is malformed, truncated, late or missing.
+
+    The bytes are peeked, never read past the header: ``needed`` says when a prefix is not
+    yet complete (then all of it is header, and it is consumed), ``parse`` how long the whole
+    header is.  A header split over many segments, even a byte at a time, is waited for.
+    """
+    deadline = time.monotonic() + timeout
+    limit = V1_MAX if accept == "v1" else V2_MAX
+    header = b""
+    while True:
+        try:
+            peeked = sock.recv(limit - len(header), socket.MSG_PEEK)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0 or not wait_readable(sock.fileno(), left):
+                came = f" ({len(header)} bytes came)" if header else ""
+                raise ProxyHeaderError(
+                    f"no complete PROXY header within {timeout:g}s{came}") from None
+            continue
+        except OSError as error:
+            raise ProxyHeaderError(f"client failed before its PROXY header ended: "
+                                   f"{error.strerror or error}") from None
+        if not peeked:
+            raise ProxyHeaderError("client closed before its PROXY header ended")
+        data = header + peeked
+        if needed(data, accept) == 0:
+            info, length = parse(data, accept)
+            _consume(sock, length - len(header))
+            return info
+        _consume(sock, len(peeked))
+        header = data
+
+
+def _consume(sock, count):
+    """Read and drop ``count`` bytes already peeked (they are in the socket's buffer)."""
+    while count > 0:
+        chunk = sock.recv(count)
+        if not chunk:
+            raise ProxyHeaderError("client closed inside its PROXY header")
+        count -= len(chunk)

@@ -1,0 +1,211 @@
+"""accept-proxy: gconn behind a balancer reads its PROXY header in the connection's greenlet.
+
+Real HAProxy (``send-proxy`` / ``send-proxy-v2``) in front of gconn, and raw headers written a
+byte at a time; the bytes after the header reach the destination untouched (checked by hash
+through an echo), the access line names the client the header carried and the balancer in
+``via=``, and a bad, untrusted or late header ends that connection only, as bad_proxy_header.
+"""
+
+import hashlib
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+from conftest import connect, echo_roundtrip, free_port
+from test_admin import scrape
+
+from gconn.protocols import proxy
+
+ROUTE = """[gconn]
+workers = 1
+[route:default]
+bind = 127.0.0.1:0
+destinations = {echo}
+accept-proxy = {accept}
+accept-proxy-from = {trusted}
+proxy-header-timeout = 0.5s
+"""
+
+
+def start(start_daemon, start_echo, tmp_path, accept="any", trusted="127.0.0.0/8, ::1"):
+    echo = start_echo()
+    daemon = start_daemon(config=ROUTE.format(echo=echo.address, accept=accept,
+                                              trusted=trusted), tmp=str(tmp_path))
+    return daemon
+
+
+def access_line(daemon, since, client_port=None):
+    """The next access line (of the route) from line ``since`` on; by client port if given."""
+    def wanted(line):
+        return " route=default " in line and " end=" in line and (
+            client_port is None or f":{client_port} " in line)
+    return daemon.wait_line(wanted, since=since)
+
+
+def fields(line):
+    parts = line.split(" error=", 1)
+    result = dict(part.split("=", 1) for part in parts[0].split()[1:])
+    if len(parts) > 1:
+        result["error"] = parts[1].strip('"')
+    return result
+
+
+def ended_by_gconn(connection):
+    """Whether gconn ended this connection without sending anything: a close, or a reset when
+    bytes it did not read were left (how the kernel closes a socket with unread data)."""
+    try:
+        return connection.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def wait_for_port(port, process, timeout=15.0):
+    """Return once something accepts on 127.0.0.1:port (HAProxy started), else fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"HAProxy did not listen on {port}: "
+                                     f"{process.stderr.read() if process.stderr else ''}"
+                                     ) from None
+            time.sleep(0.02)  # polling for a port to open, not synchronising on time
+
+
+@pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
+def test_behind_haproxy_the_access_line_names_the_real_client(start_daemon, start_echo,
+                                                               tmp_path, send_proxy):
+    """HAProxy -> gconn (accept-proxy any) -> echo: 1 MB comes back byte for byte, and the
+    access line's client is the client's own address and port, via HAProxy's."""
+    daemon = start(start_daemon, start_echo, tmp_path)
+    port = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(f"""global
+    maxconn 100
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend in
+    bind 127.0.0.1:{port}
+    default_backend gconn
+backend gconn
+    server gconn {daemon.address['default']} {send_proxy}
+""")
+    haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        wait_for_port(port, haproxy)
+        since = daemon.mark()
+        data = os.urandom(1 << 20)
+        with connect(port) as client:
+            client_port = client.getsockname()[1]
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+            received = b"".join(iter(lambda: client.recv(65536), b""))
+        assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+        line = fields(access_line(daemon, since, client_port))
+        assert line["client"] == f"127.0.0.1:{client_port}"
+        assert line["via"].startswith("127.0.0.1:") and line["via"] != line["client"]
+        assert line["end"] == "client_closed" and line["bytes_up"] == str(len(data))
+    finally:
+        haproxy.kill()
+        haproxy.wait()
+        haproxy.stderr.close()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_header_sent_a_byte_at_a_time_is_waited_for_and_never_forwarded(
+        start_daemon, start_echo, tmp_path, version):
+    """Each header byte in its own segment, then the payload: the echo returns exactly the
+    payload (no header byte reached the destination) and the client is the header's."""
+    daemon = start(start_daemon, start_echo, tmp_path, accept=version)
+    build = proxy.build_v1 if version == "v1" else proxy.build_v2
+    header = build(("192.0.2.7", 4242), ("198.51.100.1", 3306))
+    payload = os.urandom(100_000)
+    since = daemon.mark()
+    with connect(daemon.port()) as client:
+        for byte in header:
+            client.send(bytes([byte]))
+            time.sleep(0.002)  # shaping the input into one segment per byte, not waiting
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        received = b"".join(iter(lambda: client.recv(65536), b""))
+    assert received == payload
+    line = fields(access_line(daemon, since))
+    assert line["client"] == "192.0.2.7:4242" and line["via"].startswith("127.0.0.1:")
+    assert line["bytes_up"] == str(len(payload))
+
+
+def test_a_v2_local_header_is_served_with_the_balancer_as_client(start_daemon, start_echo,
+                                                                  tmp_path):
+    """A balancer's health check (v2 LOCAL): forwarded, the peer stays the client, no via."""
+    daemon = start(start_daemon, start_echo, tmp_path, accept="v2")
+    since = daemon.mark()
+    with connect(daemon.port()) as client:
+        client.sendall(proxy.local_v2() + b"ping")
+        client.shutdown(socket.SHUT_WR)
+        assert b"".join(iter(lambda: client.recv(65536), b"")) == b"ping"
+        client_port = client.getsockname()[1]
+    line = fields(access_line(daemon, since))
+    assert line["client"] == f"127.0.0.1:{client_port}" and "via" not in line
+
+
+def test_bad_late_or_untrusted_headers_end_only_their_connection(start_daemon, start_echo,
+                                                                   tmp_path):
+    """Garbage, a truncated header, silence past proxy-header-timeout: each connection ends as
+    bad_proxy_header with why in error=, while a good connection opened before keeps
+    forwarding byte for byte."""
+    daemon = start(start_daemon, start_echo, tmp_path, accept="v1")
+    good = connect(daemon.port())
+    good.sendall(proxy.build_v1(("192.0.2.9", 1000), ("192.0.2.10", 80)) + b"before")
+    assert good.recv(6) == b"before"
+    cases = [(b"GET / HTTP/1.0\r\n\r\n", "not a PROXY protocol header"),
+             (b"PROXY TCP4 192.0.2.1 192.0.2.2 1 99999\r\n", "bad destination port '99999'"),
+             (b"PROXY TCP4 192.0.2.1", "no complete PROXY header within 0.5s (20 bytes came)"),
+             (b"", "no complete PROXY header within 0.5s"),
+             (proxy.build_v2(("192.0.2.1", 1), ("192.0.2.2", 2)),
+              "v2 header where only v1 is accepted")]
+    for sent, why in cases:
+        since = daemon.mark()
+        with connect(daemon.port()) as bad:
+            bad.sendall(sent)
+            assert ended_by_gconn(bad)
+        line = fields(access_line(daemon, since))
+        assert line["end"] == "bad_proxy_header" and line["destination"] == "-", line
+        assert why in line["error"], line
+    good.sendall(b"after")
+    assert good.recv(5) == b"after"
+    good.close()
+
+
+def test_a_header_from_outside_accept_proxy_from_is_not_believed(start_daemon, start_echo,
+                                                                   tmp_path):
+    """Only balancers are believed: from 127.0.0.1 with accept-proxy-from 10.0.0.0/8 a valid
+    header ends the connection as bad_proxy_header, naming the peer."""
+    daemon = start(start_daemon, start_echo, tmp_path, trusted="10.0.0.0/8")
+    since = daemon.mark()
+    with connect(daemon.port()) as client:
+        client.sendall(proxy.build_v1(("192.0.2.7", 4242), ("192.0.2.8", 80)) + b"x")
+        assert ended_by_gconn(client)
+    line = fields(access_line(daemon, since))
+    assert line["end"] == "bad_proxy_header" and line["client"].startswith("127.0.0.1:")
+    assert "not believed from 127.0.0.1" in line["error"]
+    ended = frozenset({"route": "default", "end": "bad_proxy_header"}.items())
+    assert scrape(daemon)[("gconn_connections_ended_total", ended)] == 1
+
+
+def test_without_accept_proxy_a_header_is_forwarded_as_data(start_daemon, start_echo,
+                                                            tmp_path):
+    """accept-proxy = no (the default) reads nothing: a PROXY line is just bytes."""
+    daemon = start(start_daemon, start_echo, tmp_path, accept="no")
+    header = proxy.build_v1(("192.0.2.7", 4242), ("192.0.2.8", 80))
+    digest, size = echo_roundtrip(daemon.port(), header + b"payload")
+    assert (digest, size) == (hashlib.sha256(header + b"payload").hexdigest(),
+                              len(header) + 7)
