@@ -1,6 +1,7 @@
 """Active health checks: one re-arming check job per destination, not one per connection.
 
-Each job sleeps check-interval, tries a TCP connect within connect-timeout, closes it, and
+Each job sleeps check-interval, tries a TCP connect within connect-timeout (with send-proxy,
+sends a v1 UNKNOWN or v2 LOCAL PROXY header, as HAProxy's checks do), closes it, and
 hands the result to the destination's rise/fall state (destinations.py, under the route's
 write lock).  389 DS nunc-stans' lesson: periodic jobs that re-arm themselves.  A check that
 cannot even open a socket (this process out of descriptors) gives no verdict.
@@ -11,6 +12,7 @@ import logging
 import gevent
 
 from .errors import DestinationUnavailable, ResourceExhausted
+from .protocols import proxy
 from .sockets import connect
 
 LOGGER = logging.getLogger("gconn.health")
@@ -40,7 +42,13 @@ class HealthChecks:
         while True:
             gevent.sleep(config.check_interval)
             try:
-                connect(destination.address, config.connect_timeout).close()
+                connection = connect(destination.address, config.connect_timeout)
+                try:
+                    if config.send_proxy != "no":  # a PROXY-expecting backend wants a header
+                        proxy.send_header(connection, proxy.check_header(config.send_proxy),
+                                          config.connect_timeout)
+                finally:
+                    connection.close()
                 ok = True
             except DestinationUnavailable:
                 ok = False

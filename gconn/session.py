@@ -77,7 +77,7 @@ class Session:
     """One accepted client of one route; ``run`` is its greenlet's whole life."""
 
     __slots__ = ("route", "client", "address", "context", "started", "greenlet", "upstream",
-                 "destination", "pump", "has_slot", "woken")
+                 "destination", "pump", "has_slot", "woken", "addressed")
 
     def __init__(self, route, client, address):
         self.route = route
@@ -92,6 +92,7 @@ class Session:
         self.pump = None
         self.has_slot = False  # holds one of the route's active slots (give it back at finish)
         self.woken = None  # the Event a queued session waits on
+        self.addressed = None  # where the client connected to, as a received PROXY header said
 
     def run(self):
         """The connection's greenlet: slot, destination, forward, finish; never raises."""
@@ -146,6 +147,8 @@ class Session:
             raise Shed(NO_DESTINATION, f"route {route.name}: no destination available")
         self.upstream, self.destination = connect_destination(route, candidates)
         self.context.destination = self.destination.name
+        if route.config.send_proxy != "no":
+            self.send_proxy_header()
         self.context.phase = "draining" if route.draining else "forwarding"
         LOGGER.debug("forwarding client=%s destination=%s", self.context.client,
                      self.context.destination)  # conn= comes from this greenlet's context
@@ -168,11 +171,28 @@ class Session:
         if info.command != "PROXY" or info.source is None:
             return
         self.context.via = self.context.client
-        self.address = info.source
+        self.address, self.addressed = info.source, info.destination
         self.context.client = peer_name(info.source)
         if self.route.blocker.blocked(client_host(info.source), time.monotonic()):
             self.route.admission.count_shed(BLOCKED_HOST)
             raise Shed(BLOCKED_HOST, "client host blocked after max-connect-errors failures")
+
+    def send_proxy_header(self):
+        """Tell the destination who the client is, before its first byte: the client's
+        address (the one a received header named) and the address it connected to.  A
+        received header's v2 TLVs are not passed on: they describe the balancer's side."""
+        config = self.route.config
+        source = self.address if isinstance(self.address, tuple) else None  # unix: UNKNOWN
+        addressed = self.addressed
+        if source is not None and not isinstance(addressed, tuple):
+            addressed = self.client.getsockname()[:2]
+        build = proxy.build_v2 if config.send_proxy == "v2" else proxy.build_v1
+        header = build(source, addressed if source is not None else None)
+        try:
+            proxy.send_header(self.upstream, header, config.connect_timeout)
+        except DestinationUnavailable as error:
+            local.set_error("connect_failed", f"{self.destination.name}: {error}")
+            raise
 
     def wait_for_slot(self):
         """Queued: wait for a slot handed over by ``give_slot``, up to queue-timeout;

@@ -313,6 +313,10 @@ SETTINGS = (
             "connection from anywhere else ends as bad_proxy_header"),
     Setting("proxy-header-timeout", ROUTE, duration_at_least(0.001, "1ms"), "5s",
             "how long a connection may take to send its whole PROXY header"),
+    Setting("send-proxy", ROUTE, one_of(("no", "v1", "v2")), "no",
+            "write a PROXY header to each destination before the first client byte, naming "
+            "the client (the one a received header named, with accept-proxy); health checks "
+            "then send v1 UNKNOWN or a v2 LOCAL header"),
     Setting("shed-message", ROUTE, parse_escaped_bytes, "",
             "bytes sent to a shed client before the close, so it can tell busy from down"),
     Setting("max-connect-errors", ROUTE, integer_between(0, 1_000_000_000), "100",

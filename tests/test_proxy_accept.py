@@ -209,3 +209,148 @@ def test_without_accept_proxy_a_header_is_forwarded_as_data(start_daemon, start_
     digest, size = echo_roundtrip(daemon.port(), header + b"payload")
     assert (digest, size) == (hashlib.sha256(header + b"payload").hexdigest(),
                               len(header) + 7)
+
+
+# send-proxy: gconn tells its destinations who the client is ----------------------------------
+
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+
+def start_nginx_reporting_the_header(tmp_path):
+    """nginx stream on a free port: reads a PROXY header (proxy_protocol) and answers the
+    addresses it carried, one line, then closes.  Returns (process, port)."""
+    port = free_port()
+    config = tmp_path / "nginx.conf"
+    config.write_text(
+        f"load_module {NGINX_STREAM_MODULE};\nworker_processes 1;\ndaemon off;\n"
+        f"pid {tmp_path}/nginx.pid;\nerror_log stderr;\nevents {{ worker_connections 64; }}\n"
+        f"stream {{ server {{ listen 127.0.0.1:{port} proxy_protocol; return "
+        f"\"$proxy_protocol_addr:$proxy_protocol_port "
+        f"$proxy_protocol_server_addr:$proxy_protocol_server_port\\n\"; }} }}\n")
+    nginx = subprocess.Popen(["nginx", "-c", str(config), "-p", str(tmp_path)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True)
+    wait_for_port(port, nginx)
+    return nginx, port
+
+
+def read_all(connection):
+    """Every byte until the peer closes."""
+    return b"".join(iter(lambda: connection.recv(65536), b""))
+
+
+def stop(process):
+    process.kill()
+    process.wait()
+    process.stderr.close()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_nginx_behind_gconn_sees_the_client_gconn_saw(start_daemon, tmp_path, version):
+    """gconn (send-proxy) -> nginx (listen proxy_protocol): nginx reports the client's own
+    address and port and the gconn address it connected to."""
+    nginx, port = start_nginx_reporting_the_header(tmp_path)
+    try:
+        daemon = start_daemon(config=f"[gconn]\nworkers = 1\n[route:default]\n"
+                                     f"bind = 127.0.0.1:0\ndestinations = 127.0.0.1:{port}\n"
+                                     f"send-proxy = {version}\n", tmp=str(tmp_path))
+        with connect(daemon.port()) as client:
+            seen = b"".join(iter(lambda: client.recv(1024), b"")).decode()
+            assert seen == (f"127.0.0.1:{client.getsockname()[1]} "
+                            f"{daemon.address['default']}\n")
+    finally:
+        stop(nginx)
+
+
+def test_a_client_named_by_a_received_header_is_the_one_passed_on(start_daemon, tmp_path):
+    """accept-proxy and send-proxy together: the destination hears of the client the
+    balancer's header named (and where it connected), not of the balancer."""
+    nginx, port = start_nginx_reporting_the_header(tmp_path)
+    try:
+        daemon = start_daemon(config=f"[gconn]\nworkers = 1\n[route:default]\n"
+                                     f"bind = 127.0.0.1:0\ndestinations = 127.0.0.1:{port}\n"
+                                     f"accept-proxy = any\nsend-proxy = v1\n",
+                              tmp=str(tmp_path))
+        with connect(daemon.port()) as client:
+            client.sendall(proxy.build_v2(("203.0.113.5", 40000), ("198.51.100.2", 443)))
+            seen = b"".join(iter(lambda: client.recv(1024), b"")).decode()
+        assert seen == "203.0.113.5:40000 198.51.100.2:443\n"
+    finally:
+        stop(nginx)
+
+
+@pytest.mark.parametrize("send_proxy", ["v1", "v2"])
+def test_behind_gconn_haproxy_accepts_the_header_and_forwards_byte_for_byte(
+        start_daemon, start_echo, tmp_path, send_proxy):
+    """gconn (send-proxy) -> HAProxy (bind ... accept-proxy) -> echo: 1 MB hashed both ways,
+    and HAProxy's log names the client's own port (it believed gconn's header)."""
+    echo = start_echo()
+    port = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(f"""global
+    log stdout format raw local0
+defaults
+    mode tcp
+    log global
+    log-format "client=%ci:%cp"
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend in
+    bind 127.0.0.1:{port} accept-proxy
+    default_backend echo
+backend echo
+    server echo {echo.address}
+""")
+    haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        wait_for_port(port, haproxy)
+        daemon = start_daemon(config=f"[gconn]\nworkers = 1\n[route:default]\n"
+                                     f"bind = 127.0.0.1:0\ndestinations = 127.0.0.1:{port}\n"
+                                     f"send-proxy = {send_proxy}\n", tmp=str(tmp_path))
+        data = os.urandom(1 << 20)
+        with connect(daemon.port()) as client:
+            client_port = client.getsockname()[1]
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+            received = b"".join(iter(lambda: client.recv(65536), b""))
+        assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+        wanted = f"client=127.0.0.1:{client_port}"
+        for line in haproxy.stdout:  # HAProxy logs the session when it ends
+            if line.strip() == wanted:
+                break
+        else:
+            pytest.fail(f"HAProxy never logged {wanted}")
+    finally:
+        haproxy.kill()
+        haproxy.wait()
+        haproxy.stdout.close()
+        haproxy.stderr.close()
+
+
+@pytest.mark.parametrize("version,expected", [("v1", b"PROXY UNKNOWN\r\n"),
+                                              ("v2", proxy.local_v2())])
+def test_health_checks_send_a_proxy_header_when_destinations_expect_one(
+        start_daemon, tmp_path, version, expected):
+    """With send-proxy, each health check's connection carries a v1 UNKNOWN or v2 LOCAL header
+    (a PROXY-expecting backend would count a bare connect as a broken client)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(20)
+    try:
+        daemon = start_daemon(config=f"[gconn]\nworkers = 1\n[route:default]\n"
+                                     f"bind = 127.0.0.1:0\n"
+                                     f"destinations = 127.0.0.1:{listener.getsockname()[1]}\n"
+                                     f"send-proxy = {version}\ncheck-interval = 0.1s\n",
+                              tmp=str(tmp_path))
+        assert daemon.port()
+        for _ in range(3):  # three checks in a row, each a connection of its own
+            check, _ = listener.accept()
+            with check:
+                check.settimeout(10)
+                assert read_all(check) == expected
+    finally:
+        listener.close()

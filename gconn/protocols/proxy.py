@@ -15,8 +15,8 @@ import struct
 import time
 from dataclasses import dataclass
 
-from gconn.errors import GconnError
-from gconn.sockets import wait_readable
+from gconn.errors import DestinationUnavailable, GconnError
+from gconn.sockets import wait_readable, wait_writable
 
 V1_MAX = 107  # longest v1 line with CRLF: "PROXY UNKNOWN", two full IPv6 addresses, two ports
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -426,3 +426,27 @@ def _consume(sock, count):
         if not chunk:
             raise ProxyHeaderError("client closed inside its PROXY header")
         count -= len(chunk)
+
+
+def send_header(sock, header, timeout):
+    """Write ``header`` to the freshly connected non-blocking ``sock`` in the calling greenlet
+    before any client byte; DestinationUnavailable when it cannot within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    view = memoryview(header)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0 or not wait_writable(sock.fileno(), left):
+                raise DestinationUnavailable("destination did not take the PROXY header "
+                                             f"within {timeout:g}s") from None
+        except OSError as error:
+            raise DestinationUnavailable(f"sending the PROXY header: "
+                                         f"{error.strerror or error}") from None
+
+
+def check_header(version):
+    """What a health check sends to a destination that expects a PROXY header: a v2 LOCAL
+    (the balancer speaking for itself) or v1 UNKNOWN."""
+    return local_v2() if version == "v2" else build_v1(None, None)
