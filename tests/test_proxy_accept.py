@@ -8,6 +8,7 @@ through an echo), the access line names the client the header carried and the ba
 
 import hashlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -115,9 +116,7 @@ backend gconn
         assert line["via"].startswith("127.0.0.1:") and line["via"] != line["client"]
         assert line["end"] == "client_closed" and line["bytes_up"] == str(len(data))
     finally:
-        haproxy.kill()
-        haproxy.wait()
-        haproxy.stderr.close()
+        stop(haproxy)
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -240,7 +239,11 @@ def read_all(connection):
 
 
 def stop(process):
-    process.kill()
+    """Kill a process started in a session of its own, and its children (nginx's workers)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     process.wait()
     process.stderr.close()
 
@@ -324,10 +327,8 @@ backend echo
         else:
             pytest.fail(f"HAProxy never logged {wanted}")
     finally:
-        haproxy.kill()
-        haproxy.wait()
+        stop(haproxy)
         haproxy.stdout.close()
-        haproxy.stderr.close()
 
 
 @pytest.mark.parametrize("version,expected", [("v1", b"PROXY UNKNOWN\r\n"),
