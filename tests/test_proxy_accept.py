@@ -62,12 +62,12 @@ def ended_by_gconn(connection):
         return True
 
 
-def wait_for_port(port, process, timeout=15.0):
-    """Return once something accepts on 127.0.0.1:port (HAProxy started), else fail."""
+def wait_for_port(port, process, host="127.0.0.1", timeout=15.0):
+    """Return once something accepts on host:port (HAProxy started), else fail."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection((host, port), timeout=1).close()
             return
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
@@ -77,12 +77,17 @@ def wait_for_port(port, process, timeout=15.0):
             time.sleep(0.02)  # polling for a port to open, not synchronising on time
 
 
-@pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
+@pytest.mark.parametrize("send_proxy,family", [("send-proxy", "ipv4"),
+                                                ("send-proxy-v2", "ipv4"),
+                                                ("send-proxy", "ipv6"),
+                                                ("send-proxy-v2", "ipv6")])
 def test_behind_haproxy_the_access_line_names_the_real_client(start_daemon, start_echo,
-                                                               tmp_path, send_proxy):
+                                                               tmp_path, send_proxy, family):
     """HAProxy -> gconn (accept-proxy any) -> echo: 1 MB comes back byte for byte, and the
-    access line's client is the client's own address and port, via HAProxy's."""
+    access line's client is the client's own address and port (IPv4 or IPv6: HAProxy listens
+    on ::1 and sends a TCP6 / AF_INET6 header), via HAProxy's."""
     daemon = start(start_daemon, start_echo, tmp_path)
+    host = "127.0.0.1" if family == "ipv4" else "::1"
     port = free_port()
     config = tmp_path / "haproxy.cfg"
     config.write_text(f"""global
@@ -93,7 +98,7 @@ defaults
     timeout client 30s
     timeout server 30s
 frontend in
-    bind 127.0.0.1:{port}
+    bind {"127.0.0.1" if family == "ipv4" else "[::1]"}:{port}
     default_backend gconn
 backend gconn
     server gconn {daemon.address['default']} {send_proxy}
@@ -102,17 +107,18 @@ backend gconn
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)
     try:
-        wait_for_port(port, haproxy)
+        wait_for_port(port, haproxy, host)
         since = daemon.mark()
         data = os.urandom(1 << 20)
-        with connect(port) as client:
+        with connect(port, host=host) as client:
             client_port = client.getsockname()[1]
             client.sendall(data)
             client.shutdown(socket.SHUT_WR)
             received = b"".join(iter(lambda: client.recv(65536), b""))
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
         line = fields(access_line(daemon, since, client_port))
-        assert line["client"] == f"127.0.0.1:{client_port}"
+        expected = f"127.0.0.1:{client_port}" if family == "ipv4" else f"[::1]:{client_port}"
+        assert line["client"] == expected
         assert line["via"].startswith("127.0.0.1:") and line["via"] != line["client"]
         assert line["end"] == "client_closed" and line["bytes_up"] == str(len(data))
     finally:
