@@ -15,6 +15,7 @@ field ``error="<what happened>"``, read from its greenlet's error state.
 """
 
 import logging
+import re
 import sys
 import time
 
@@ -66,6 +67,17 @@ def _quoted(value):
     if not text or any(c in text for c in ' "=\t'):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
+
+
+_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+_ESCAPED = re.compile(r"\\(.)")
+
+
+def parse_fields(line):
+    """The ``key=value`` fields of an access-log line, quoted values unquoted (the reverse of
+    ``_quoted``): for tools that read the access log, such as gconn-soak."""
+    return {key: _ESCAPED.sub(r"\1", value[1:-1]) if value.startswith('"') else value
+            for key, value in _FIELD.findall(line)}
 
 
 def format_time(epoch_seconds):

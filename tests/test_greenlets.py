@@ -23,15 +23,10 @@ from gevent.event import Event
 from test_admin import get
 
 from gconn.destinations import RouteDestinations
+from gconn.log import parse_fields as fields
 from gconn.settings import parse_destinations
 
 HELD = 60  # connections held open through gconn at once
-
-
-def fields(line):
-    """The key=value fields of a log line (values unquoted)."""
-    return {key: value.strip('"') for key, value in
-            re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line)}
 
 
 def admin_json(daemon, path):

@@ -17,6 +17,7 @@ import pytest
 from conftest import connect, echo_roundtrip, free_port
 from test_admin import scrape
 
+from gconn.log import parse_fields as fields
 from gconn.protocols import proxy
 
 ROUTE = """[gconn]
@@ -43,14 +44,6 @@ def access_line(daemon, since, client_port=None):
         return " route=default " in line and " end=" in line and (
             client_port is None or f":{client_port} " in line)
     return daemon.wait_line(wanted, since=since)
-
-
-def fields(line):
-    parts = line.split(" error=", 1)
-    result = dict(part.split("=", 1) for part in parts[0].split()[1:])
-    if len(parts) > 1:
-        result["error"] = parts[1].strip('"')
-    return result
 
 
 def ended_by_gconn(connection):

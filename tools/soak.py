@@ -37,6 +37,7 @@ import time
 
 from gconn_tools.soak_client import bucket_value
 
+from gconn.log import parse_fields
 from gconn.sockets import open_descriptors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where tools/ lives
@@ -58,6 +59,7 @@ PROGRESS_EVERY = 2.0  # seconds between progress lines (when not on a terminal)
 SAMPLE_EVERY = 1.0  # seconds between samples of gconn's memory, CPU and descriptors
 CUTS_REPORTED = 50  # cut connections listed by address in the report (all are counted)
 SATURATED = 0.9  # share of the machine's CPU in use above which latencies include CPU waits
+CPU_PARTS = ("gconn", "clients", "echo", "soak")  # whose CPU seconds a timeline point holds
 
 
 def parse_args(argv):
@@ -572,35 +574,10 @@ def read_access_log(path):
     ends = {}
     with open(path, errors="replace") as stream:
         for line in stream:
-            fields = dict(logfmt(line))
+            fields = parse_fields(line)
             if "client" in fields:
                 ends[fields["client"]] = (fields.get("end"), fields.get("error"))
     return ends
-
-
-def logfmt(line):
-    """(key, value) pairs of one logfmt line (values bare or double-quoted)."""
-    position, size = 0, len(line)
-    while position < size:
-        equals = line.find("=", position)
-        if equals < 0:
-            return
-        key = line[position:equals].rsplit(" ", 1)[-1]
-        position = equals + 1
-        if position < size and line[position] == '"':
-            value, position = [], position + 1
-            while position < size and line[position] != '"':
-                if line[position] == "\\" and position + 1 < size:
-                    position += 1
-                value.append(line[position])
-                position += 1
-            yield key, "".join(value)
-            position += 1
-        else:
-            end = line.find(" ", position)
-            end = size if end < 0 else end
-            yield key, line[position:end].strip()
-            position = end
 
 
 def memory_stable(after, peak, baseline):
@@ -655,13 +632,8 @@ def saturated_seconds(timeline):
     """Seconds of the phase in which gconn and the harness together kept the machine's CPUs
     over SATURATED busy (then latencies include waiting for a CPU)."""
     cores = os.cpu_count() or 1
-    seconds = 0.0
-    for before, after in itertools.pairwise(timeline):
-        elapsed = after["t"] - before["t"]
-        used = sum((after["cpu"][key] or 0) - (before["cpu"][key] or 0) for key in after["cpu"])
-        if elapsed > 0 and used > SATURATED * cores * elapsed:
-            seconds += elapsed
-    return round(seconds, 1)
+    return round(sum(after["t"] - before["t"] for before, after in itertools.pairwise(timeline)
+                     if cores_used(before, after, CPU_PARTS) > SATURATED * cores), 1)
 
 
 def hold_costs(timeline):
@@ -887,10 +859,10 @@ def plot(report, path):
         axes[2].plot(times, [p["lag_p99_ms"] for p in points], style, color="tab:purple",
                      label=f"client loop lag p99 ({phase})")
         pairs = list(itertools.pairwise(points))
-        for parts, color in ((("gconn",), "tab:blue"), (("gconn", "harness"), "tab:brown")):
-            axes[4].plot([b["t"] for _, b in pairs],
-                         [sum(cores_used(a, b, part) for part in parts) for a, b in pairs],
-                         style, color=color, label=f"{' + '.join(parts)} ({phase})")
+        for parts, label, color in ((("gconn",), "gconn", "tab:blue"),
+                                    (CPU_PARTS, "gconn + harness", "tab:brown")):
+            axes[4].plot([b["t"] for _, b in pairs], [cores_used(a, b, parts) for a, b in pairs],
+                         style, color=color, label=f"{label} ({phase})")
         if phase == "gconn":
             axes[3].plot(times, [p.get("rss_mb") for p in points], color="tab:green",
                          label="gconn RSS MB")
@@ -921,11 +893,9 @@ def plot(report, path):
     figure.savefig(path)
 
 
-def cores_used(before, after, part):
-    """CPU cores ``part`` (gconn, or the harness: clients, echo and soak) kept busy between two
-    timeline points."""
-    keys = ("gconn",) if part == "gconn" else ("clients", "echo", "soak")
-    used = sum((after["cpu"][key] or 0) - (before["cpu"][key] or 0) for key in keys)
+def cores_used(before, after, parts):
+    """CPU cores ``parts`` (keys of a timeline point's cpu) kept busy between two points."""
+    used = sum((after["cpu"][key] or 0) - (before["cpu"][key] or 0) for key in parts)
     return used / (after["t"] - before["t"]) if after["t"] > before["t"] else 0.0
 
 
