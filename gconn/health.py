@@ -1,7 +1,9 @@
 """Active health checks: one re-arming check job per destination, not one per connection.
 
 Each job sleeps check-interval, tries a TCP connect within connect-timeout (with send-proxy,
-sends a v1 UNKNOWN or v2 LOCAL PROXY header, as HAProxy's checks do), closes it, and
+sends a v1 UNKNOWN or v2 LOCAL PROXY header, as HAProxy's checks do; on a ``protocol = mysql``
+route, reads the greeting, logs in as check-user and quits, as HAProxy's ``mysql-check user``
+does, so the server does not block gconn's host for aborted handshakes), closes it, and
 hands the result to the destination's rise/fall state (destinations.py, under the route's
 write lock).  389 DS nunc-stans' lesson: periodic jobs that re-arm themselves.  A check that
 cannot even open a socket (this process out of descriptors) gives no verdict.
@@ -12,7 +14,7 @@ import logging
 import gevent
 
 from .errors import DestinationUnavailable, ResourceExhausted
-from .protocols import proxy
+from .protocols import mysql, proxy
 from .sockets import connect
 
 LOGGER = logging.getLogger("gconn.health")
@@ -42,11 +44,14 @@ class HealthChecks:
         while True:
             gevent.sleep(config.check_interval)
             try:
-                connection = connect(destination.address, config.connect_timeout)
+                connection = connect(destination.address, config.connect_timeout,
+                                     config.source)
                 try:
-                    if config.send_proxy != "no":  # a PROXY-expecting backend wants a header
-                        proxy.send_header(connection, proxy.check_header(config.send_proxy),
+                    if destination.send_proxy != "no":  # it expects a header: send one
+                        proxy.send_header(connection, proxy.check_header(destination.send_proxy),
                                           config.connect_timeout)
+                    if config.protocol == "mysql":
+                        mysql.check(connection, config.check_user, config.connect_timeout)
                 finally:
                     connection.close()
                 ok = True

@@ -37,9 +37,10 @@ __all__ = [
 ]
 
 # The life of a connection, in order; ConnectionContext.phase holds one of these.  A session
-# starts queued (waiting for its slot, however briefly); draining is forwarding while the
-# worker shuts down (Envoy's word): the connection holds up the drain.
-PHASES = ("queued", "connecting", "forwarding", "draining")
+# starts queued (waiting for its slot, however briefly), unless a protocol step comes first
+# (handshake: reading a PROXY header); draining is forwarding while the worker shuts down
+# (Envoy's word): the connection holds up the drain; refusing: telling a refused client why.
+PHASES = ("handshake", "queued", "connecting", "forwarding", "draining", "refusing")
 
 # Attribute names on greenlet objects; prefixed so they cannot collide with gevent's own.
 _CONTEXT_ATTRIBUTE = "_gconn_context"
@@ -76,7 +77,7 @@ class ConnectionContext:
         self.started = time.time() if started is None else started
         self.bytes_up = 0
         self.bytes_down = 0
-        self.phase = PHASES[0]
+        self.phase = "queued"
 
     def as_dict(self):
         """Return the fields as a new plain dict for the admin endpoint, adding ``age_seconds``."""

@@ -14,17 +14,20 @@ import time
 
 from gevent.pool import Pool
 
-from . import metrics
+from . import local, metrics
 from .admission import Admission, HostBlocker
 from .destinations import RouteDestinations
 from .health import HealthChecks
 from .listener import Acceptor
 from .local import ConnectionContext
 from .log import log_access
+from .protocols import refusal
 from .session import Session
 from .sockets import bound_address, client_host, listen, peer_name
 
 LOGGER = logging.getLogger("gconn.route")
+
+REFUSALS = 256  # clients of a route refused at once in greenlets of their own (PostgreSQL's)
 
 
 class Route:
@@ -34,12 +37,14 @@ class Route:
         self.config = config
         self.name = config.name
         self.registry = registry
-        self.destinations = RouteDestinations(config.destinations, config.strategy)
+        self.destinations = RouteDestinations(config.destinations, config.strategy,
+                                              config.send_proxy)
         self.health = HealthChecks(self)
         self.admission = Admission(config.max_connections, config.max_queued)
         self.blocker = HostBlocker(config.max_connect_errors, config.blocked_host_time)
         self.reads_proxy = config.accept_proxy != "no"  # a PROXY header first, then the rest
         self.pool = Pool(config.max_connections + config.max_queued)  # the forwarding pool
+        self.refusals = Pool(REFUSALS)  # greenlets refusing clients shed in the accept path
         self.accept_pauses = 0  # times accepting paused for descriptors (admin: accept_pauses)
         self.accepted = 0  # clients accepted (metrics.flush publishes the plain counts)
         self.ended = {}  # how sessions ended -> how many
@@ -59,23 +64,41 @@ class Route:
             raise
         session.run()
 
-    def send_shed_message(self, client):
-        """Tell a refused client why with the route's shed-message, if it has one: best effort,
-        never waits (the client is leaving)."""
-        message = self.config.shed_message
-        if message:
-            try:
-                client.send(message)
-            except OSError:
-                pass
+    def refusal(self, reason, address):
+        """What a client from ``address`` refused for ``reason`` is told, in the route's
+        protocol (the shed-message for plain TCP)."""
+        config = self.config
+        return refusal.message(config.protocol, reason, self.name, client_host(address),
+                               self.address, config.shed_message)
 
     def shed(self, client, address, reason, why):
-        """Refuse one client at once in the accept path (already counted): the shed-message,
-        the close, the access line with ``why`` as its error."""
-        self.send_shed_message(client)
+        """Refuse one client at once in the accept path (already counted): the refusal, the
+        close, the access line with ``why`` as its error.  A protocol whose client speaks
+        first (PostgreSQL) is refused in a greenlet of its own, from a small bounded pool;
+        when that is full the client is closed without a word."""
+        if self.config.protocol in refusal.READS_FIRST:
+            if not self.refusals.full():
+                self.refusals.spawn(self.refuse, client, address, reason, why)
+                return
+            why += "; closed unanswered: too many refusals under way"
+        else:
+            refusal.refuse(client, self.config.protocol, self.refusal(reason, address))
         client.close()
         context = ConnectionContext(self.registry.next_id(), self.name, peer_name(address))
         log_access(context, reason, 0.0, why)
+
+    def refuse(self, client, address, reason, why):
+        """The greenlet of one client shed in the accept path whose refusal needs a reply:
+        read, answer, close, log (bounded by refusal.STARTUP_TIMEOUT)."""
+        started = time.monotonic()
+        context = ConnectionContext(self.registry.next_id(), self.name, peer_name(address))
+        context.phase = "refusing"
+        local.set_current(context)
+        try:
+            refusal.refuse(client, self.config.protocol, self.refusal(reason, address))
+        finally:
+            client.close()
+            log_access(context, reason, time.monotonic() - started, why)
 
     def session_ended(self, session, end, duration):
         """A session finished: count how, and count it for or against its client's host."""

@@ -27,7 +27,7 @@ from .admission import ADMIT, BLOCKED_HOST, NO_DESTINATION, QUEUE, QUEUE_TIMEOUT
 from .errors import DestinationUnavailable, ResourceExhausted, Shed
 from .forward import Pump
 from .log import log_access
-from .protocols import proxy
+from .protocols import proxy, refusal
 from .sockets import client_host, connect, peer_name
 
 LOGGER = logging.getLogger("gconn.session")
@@ -44,7 +44,8 @@ def connect_destination(route, candidates):
     for destination in candidates:
         begun = time.monotonic()
         try:
-            connection = connect(destination.address, route.config.connect_timeout)
+            connection = connect(destination.address, route.config.connect_timeout,
+                                 route.config.source)
         except DestinationUnavailable as error:
             if route.config.check_interval > 0:  # quarantined until the checks see it rise
                 route.destinations.quarantine(destination, str(error))
@@ -110,6 +111,8 @@ class Session:
         except DestinationUnavailable as error:  # each failure is in the error state already
             LOGGER.warning("%s", error)
             end = "connect_failed"
+            if self.route.config.protocol != "tcp":  # a database client is told (2003, ...)
+                self.tell(end)
         except ResourceExhausted as error:
             local.set_error("fd_exhausted", str(error))
             LOGGER.warning("%s", error)
@@ -130,6 +133,7 @@ class Session:
             # Nagle on our sends to the client plus its delayed ACK costs ~40 ms per reply
             self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if route.reads_proxy:
+            self.context.phase = "handshake"
             self.read_proxy_header()
         decision = route.admission.arrive(self)  # counts a queue_full shed itself
         if decision == ADMIT:
@@ -147,7 +151,7 @@ class Session:
             raise Shed(NO_DESTINATION, f"route {route.name}: no destination available")
         self.upstream, self.destination = connect_destination(route, candidates)
         self.context.destination = self.destination.name
-        if route.config.send_proxy != "no":
+        if self.destination.send_proxy != "no":
             self.send_proxy_header()
         self.context.phase = "draining" if route.draining else "forwarding"
         LOGGER.debug("forwarding client=%s destination=%s", self.context.client,
@@ -158,13 +162,15 @@ class Session:
 
     def read_proxy_header(self):
         """The route's first step behind a balancer: believe a PROXY header only from
-        accept-proxy-from, read it (proxy-header-timeout), and make the client it names this
+        accept-proxy-from (or a unix-socket peer), read it (proxy-header-timeout), and make the client it names this
         connection's client everywhere (access log, blocked hosts, admin), the balancer's
         address going to ``via``.  A v2 LOCAL header (the balancer's own health check) keeps
         the balancer as the client.  ProxyHeaderError ends the connection."""
         config = self.route.config
         balancer = client_host(self.address)
-        if not proxy.in_networks(balancer, config.accept_proxy_from):
+        # a unix-socket peer is a process on this host, let in by the socket file's permissions
+        if self.client.family != socket.AF_UNIX and not proxy.in_networks(
+                balancer, config.accept_proxy_from):
             raise proxy.ProxyHeaderError(f"PROXY header not believed from {balancer} "
                                          f"(not in accept-proxy-from)")
         info = proxy.read_header(self.client, config.accept_proxy, config.proxy_header_timeout)
@@ -182,11 +188,12 @@ class Session:
         address (the one a received header named) and the address it connected to.  A
         received header's v2 TLVs are not passed on: they describe the balancer's side."""
         config = self.route.config
+        version = self.destination.send_proxy
         source = self.address if isinstance(self.address, tuple) else None  # unix: UNKNOWN
         addressed = self.addressed
         if source is not None and not isinstance(addressed, tuple):
             addressed = self.client.getsockname()[:2]
-        build = proxy.build_v2 if config.send_proxy == "v2" else proxy.build_v1
+        build = proxy.build_v2 if version == "v2" else proxy.build_v1
         header = build(source, addressed if source is not None else None)
         try:
             proxy.send_header(self.upstream, header, config.connect_timeout)
@@ -215,10 +222,17 @@ class Session:
         self.woken.set()
 
     def refuse(self, reason, why):
-        """Shed this client before forwarding (already counted): the shed-message; the end."""
+        """Refuse this client before forwarding (already counted): record why, tell it."""
         local.set_error(reason, why)
-        self.route.send_shed_message(self.client)
+        self.tell(reason)
         return reason
+
+    def tell(self, reason):
+        """Tell the client why it is refused, in the route's protocol (protocols/refusal.py:
+        the shed-message for plain TCP)."""
+        self.context.phase = "refusing"
+        route = self.route
+        refusal.refuse(self.client, route.config.protocol, route.refusal(reason, self.address))
 
     def view(self, stack=False):
         """The admin's view of this connection (bytes as of now, its greenlet, its phase)."""

@@ -12,6 +12,7 @@ import ipaddress
 import re
 
 from .protocols.proxy import parse_networks
+from .protocols.refusal import PROTOCOLS
 
 SECONDS = 1.0
 MILLISECONDS = SECONDS / 1000
@@ -35,6 +36,7 @@ STRATEGIES = (
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPS = ("default", "epoll", "poll", "select", "libuv")
 PROXY_VERSIONS = ("no", "v1", "v2", "any")  # accept-proxy: which PROXY headers are read
+SEND_PROXY_VERSIONS = ("no", "v1", "v2")  # send-proxy: which PROXY header is written
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _DURATION_UNITS = {"ms": MILLISECONDS, "s": SECONDS, "m": MINUTES, "h": HOURS, "d": DAYS,
@@ -66,9 +68,15 @@ class DestinationSpec:
 
     address: Address
     backup: bool = False
+    send_proxy: str | None = None  # this destination's send-proxy; None: the route's
 
     def __str__(self):
-        return f"{self.address} backup" if self.backup else str(self.address)
+        words = [str(self.address)]
+        if self.backup:
+            words.append("backup")
+        if self.send_proxy is not None:
+            words.append(f"send-proxy={self.send_proxy}")
+        return " ".join(words)
 
 
 def parse_duration(text):
@@ -166,6 +174,17 @@ def parse_text(text):
     return text.strip()
 
 
+def parse_source(text):
+    """An IP address (v4 or v6) to connect from, or empty for the kernel's choice."""
+    text = text.strip()
+    if text:
+        try:
+            ipaddress.ip_address(text.strip("[]"))
+        except ValueError:
+            raise ValueError("expected an IP address such as 127.0.0.2 or ::1, or empty") from None
+    return text.strip("[]")
+
+
 def parse_address(text, *, listening=False):
     """``host:port``, ``[v6]:port`` or ``unix:/path`` -> Address; port 0 only when listening."""
     text = text.strip()
@@ -204,19 +223,28 @@ def parse_admin_address(text):
 
 
 def parse_destinations(text):
-    """A comma-separated list of ``host:port`` / ``unix:/path``, each optionally ``backup``."""
+    """A comma-separated list of ``host:port`` / ``unix:/path``, each optionally followed by
+    ``backup`` and by ``send-proxy=no|v1|v2`` (this destination's own PROXY header version)."""
     entries = []
     for item in text.split(","):
         words = item.split()
         if not words:
             continue
-        backup = len(words) == 2 and words[1].lower() == "backup"
-        if len(words) > 2 or (len(words) == 2 and not backup):
-            raise ValueError(f"{item.strip()!r}: expected host:port, then optionally 'backup'")
         try:
-            entries.append(DestinationSpec(parse_address(words[0]), backup))
+            address = parse_address(words[0])
         except ValueError as error:
             raise ValueError(f"{words[0]!r}: {error}") from None
+        backup, send_proxy = False, None
+        for word in words[1:]:
+            key, _, value = word.partition("=")
+            if word.lower() == "backup":
+                backup = True
+            elif key == "send-proxy" and value in SEND_PROXY_VERSIONS:
+                send_proxy = value
+            else:
+                raise ValueError(f"{item.strip()!r}: expected host:port, then optionally "
+                                 f"'backup' and 'send-proxy=no|v1|v2'")
+        entries.append(DestinationSpec(address, backup, send_proxy))
     if not entries:
         raise ValueError("expected at least one destination host:port")
     return tuple(entries)
@@ -227,8 +255,9 @@ parse_escaped_bytes.allowed = "text with escapes: \\r\\n \\x00"
 parse_boolean.allowed = "yes | no"
 parse_size.allowed = "size: 4096, 64k, 1m"
 parse_text.allowed = "text"
+parse_source.allowed = "an IP address, or empty"
 parse_bind.allowed = "host:port | [ipv6]:port | unix:/path"
-parse_destinations.allowed = "host:port [backup], ..."
+parse_destinations.allowed = "host:port [backup] [send-proxy=no|v1|v2], ..."
 parse_admin_address.allowed = "host:port | [ipv6]:port | unix:/path | empty"
 
 
@@ -292,7 +321,8 @@ SETTINGS = (
             "where the route listens: host:port, [ipv6]:port or unix:/path"),
     Setting("destinations", ROUTE_ONLY, parse_destinations, None,
             "where the route forwards, in order: host:port or unix:/path, comma-separated; "
-            "append 'backup' to a fallback destination", flag="--destination", repeatable=True),
+            "append 'backup' to a fallback destination, 'send-proxy=no|v1|v2' to override "
+            "the route's send-proxy for one destination", flag="--destination", repeatable=True),
     Setting("strategy", ROUTE, one_of(STRATEGIES), "first-available",
             "how a destination is picked for each new connection"),
     Setting("max-connections", ROUTE, integer_between(1, 10_000_000), "10000",
@@ -310,15 +340,21 @@ SETTINGS = (
             "anything else; its client address becomes the connection's client"),
     Setting("accept-proxy-from", ROUTE, parse_networks, "127.0.0.0/8, ::1",
             "addresses and CIDR blocks whose PROXY headers are believed (the balancers); a "
-            "connection from anywhere else ends as bad_proxy_header"),
+            "connection from anywhere else ends as bad_proxy_header (on a unix: bind every "
+            "peer is believed: the socket file's permissions say who may connect)"),
     Setting("proxy-header-timeout", ROUTE, duration_at_least(0.001, "1ms"), "5s",
             "how long a connection may take to send its whole PROXY header"),
-    Setting("send-proxy", ROUTE, one_of(("no", "v1", "v2")), "no",
+    Setting("send-proxy", ROUTE, one_of(SEND_PROXY_VERSIONS), "no",
             "write a PROXY header to each destination before the first client byte, naming "
             "the client (the one a received header named, with accept-proxy); health checks "
             "then send v1 UNKNOWN or a v2 LOCAL header"),
+    Setting("protocol", ROUTE, one_of(PROTOCOLS), "tcp",
+            "what the route's clients speak, for refusals they understand: tcp sends "
+            "shed-message; mysql an error packet (1040, 1129, 2003); postgres an ErrorResponse "
+            "(53300, 08004); redis an -ERR reply; mysql also makes health checks log in"),
     Setting("shed-message", ROUTE, parse_escaped_bytes, "",
-            "bytes sent to a shed client before the close, so it can tell busy from down"),
+            "bytes sent to a shed client before the close, so it can tell busy from down "
+            "(protocol tcp)"),
     Setting("max-connect-errors", ROUTE, integer_between(0, 1_000_000_000), "100",
             "consecutive failed connections after which a client host is blocked; 0: never"),
     Setting("blocked-host-time", ROUTE, duration_at_least(0.001, "1ms"), "1m",
@@ -328,12 +364,20 @@ SETTINGS = (
     Setting("check-interval", ROUTE, parse_duration, "0",
             "active health checks: TCP connect to each destination this often; 0: none "
             "(a failed destination is then skipped for retry-interval)"),
+    Setting("check-user", ROUTE, parse_text, "gconn_check",
+            "protocol mysql: the user a health check logs in as (empty password) before it "
+            "quits, so the server does not count the check as a failed handshake; a missing "
+            "user is refused politely and still proves the server up"),
     Setting("rise", ROUTE, integer_between(1, 1000), "2",
             "consecutive good checks that bring a down destination back"),
     Setting("fall", ROUTE, integer_between(1, 1000), "3",
             "consecutive failed checks that take a healthy destination down"),
     Setting("connect-timeout", ROUTE, duration_at_least(0.001, "1ms"), "1s",
             "per destination attempt; past it the next destination is tried"),
+    Setting("source", ROUTE, parse_source, "",
+            "the local IP address connections to destinations (and health checks) leave from; "
+            "empty: the kernel's choice. Several gconn routes or instances on several source "
+            "addresses multiply the ephemeral ports available per destination"),
     Setting("retry-interval", ROUTE, parse_duration, "5s",
             "how long a destination that failed to connect is skipped before it is tried again"),
     Setting("idle-timeout", ROUTE, parse_duration, "8h",

@@ -95,9 +95,10 @@ def _describe_bind_error(address, error):
     return f"cannot listen on {address}: {error.strerror or error}"
 
 
-def connect(address, timeout):
+def connect(address, timeout, source=None):
     """A connected, non-blocking OS socket to ``address`` within ``timeout`` seconds, owned by
     the caller; waits cooperatively in the calling greenlet (never call it from the hub).
+    With ``source`` (an IP address) a TCP connection leaves from that address.
 
     The socket is a plain ``_socket.socket`` (what the pump and the session use), not gevent's
     wrapper: creating and closing the wrapper, its two watchers and its timeout machinery was
@@ -108,7 +109,7 @@ def connect(address, timeout):
     refused, reset or not resolvable, ResourceExhausted when this process is out of
     descriptors or ports.
     """
-    attempt = begin_connect(address)
+    attempt = begin_connect(address, source)
     if attempt is not None:
         return complete_connect(attempt, address, timeout)
     try:
@@ -118,13 +119,13 @@ def connect(address, timeout):
     failure = DestinationUnavailable(f"{address}: no address")
     for family, _, _, _, target in infos:  # each address gets the whole timeout (as
         try:  # socket.create_connection): a blackholed AAAA record must not hide the A one
-            return complete_connect(_start_connect(family, target), address, timeout)
+            return complete_connect(_start_connect(family, target, source), address, timeout)
         except DestinationUnavailable as error:  # a timeout too: try the next address
             failure = error
     raise failure
 
 
-def begin_connect(address):
+def begin_connect(address, source=None):
     """Start connecting to an IP-literal or unix ``address`` without waiting: an attempt for
     ``complete_connect``, or None when ``address`` is a name to resolve.  An attempt whose
     code is 0 is connected already (on loopback the handshake is over when connect returns)."""
@@ -132,11 +133,12 @@ def begin_connect(address):
     if family is None:
         return None
     target = address.path if family == socket.AF_UNIX else (address.host, address.port)
-    return _start_connect(family, target)
+    return _start_connect(family, target, source)
 
 
-def _start_connect(family, target):
-    """(socket or None, errno code, target): a new non-blocking socket's connect, begun."""
+def _start_connect(family, target, source=None):
+    """(socket or None, errno code, target): a new non-blocking socket's connect, begun; from
+    ``source`` when given (a TCP connection; a unix one ignores it)."""
     try:
         connection = _socket.socket(family, _NONBLOCKING_STREAM)
     except OSError as error:
@@ -144,6 +146,11 @@ def _start_connect(family, target):
     try:
         if not _SOCK_NONBLOCK:
             connection.setblocking(False)
+        if source and family != socket.AF_UNIX:
+            # the port is picked at connect, per destination, not at bind: the source
+            # address's ephemeral ports are not used up one per connection (Linux 4.2+)
+            connection.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            connection.bind((source, 0))
         code = connection.connect_ex(target)
     except (OSError, ValueError) as error:  # an address the OS refuses outright (too long)
         connection.close()
@@ -210,6 +217,34 @@ def wait_writable(fileno, timeout):
     return _wait(fileno, 2, timeout)
 
 
+def receive_within(sock, limit, deadline, flags=0):
+    """Up to ``limit`` bytes from the non-blocking ``sock``, waiting in this greenlet until
+    ``deadline`` (a time.monotonic() value): b"" when the peer closed, None when nothing came
+    in time.  OSError (a reset) propagates to the caller, who owns the socket."""
+    while True:
+        try:
+            return sock.recv(limit, flags)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0 or not wait_readable(sock.fileno(), left):
+                return None
+
+
+def send_within(sock, data, deadline):
+    """Send all of ``data`` on the non-blocking ``sock``, waiting in this greenlet until
+    ``deadline`` (a time.monotonic() value): False when the peer did not take it in time.
+    OSError (a reset, a closed peer) propagates to the caller, who owns the socket."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0 or not wait_writable(sock.fileno(), left):
+                return False
+    return True
+
+
 def _wait(fileno, events, timeout):
     hub = get_hub()
     watcher = hub.loop.io(fileno, events)
@@ -224,6 +259,7 @@ def _wait(fileno, events, timeout):
         timer.close()
 
 
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux's value
 UNIX_RETRY = 0.01  # seconds between connects to a unix socket whose backlog is full
 _SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | _SOCK_NONBLOCK | getattr(socket, "SOCK_CLOEXEC", 0)

@@ -110,13 +110,13 @@ def test_new_context_starts_queued_with_no_destination_and_no_bytes():
     assert (context.id, context.route, context.client) == (7, "web", ("192.0.2.1", 40000))
     assert context.destination is None
     assert (context.bytes_up, context.bytes_down) == (0, 0)
-    assert context.phase == PHASES[0] == "queued"
+    assert context.phase == "queued" and "queued" in PHASES
     assert before <= context.started <= time.time()
 
 
 def test_phases_are_the_connection_life_in_order():
-    """PHASES lists the phases in the order a connection passes through them."""
-    assert PHASES == ("queued", "connecting", "forwarding", "draining")
+    """PHASES lists the phases in the order a connection passes through them, refusing last."""
+    assert PHASES == ("handshake", "queued", "connecting", "forwarding", "draining", "refusing")
 
 
 def test_as_dict_reports_every_field_and_the_age():

@@ -7,6 +7,7 @@ through an echo), the access line names the client the header carried and the ba
 """
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ import time
 
 import pytest
 from conftest import connect, echo_roundtrip, free_port
-from test_admin import scrape
+from test_admin import get, scrape
 
 from gconn.log import parse_fields as fields
 from gconn.protocols import proxy
@@ -354,3 +355,162 @@ def test_health_checks_send_a_proxy_header_when_destinations_expect_one(
                 assert read_all(check) == expected
     finally:
         listener.close()
+
+
+def test_a_destination_overrides_the_routes_send_proxy(start_daemon, tmp_path):
+    """send-proxy per destination: with the route at v2, nginx listed with send-proxy=v1 gets a
+    v1 header and a plain listener listed with send-proxy=no gets the client's bytes only."""
+    nginx, port = start_nginx_reporting_the_header(tmp_path)
+    plain = socket.socket()
+    plain.bind(("127.0.0.1", 0))
+    plain.listen(4)
+    plain.settimeout(20)
+    try:
+        daemon = start_daemon(config=f"[gconn]\nworkers = 1\n[route:default]\n"
+                                     f"bind = 127.0.0.1:0\nsend-proxy = v2\n"
+                                     f"strategy = round-robin\ndestinations = "
+                                     f"127.0.0.1:{port} send-proxy=v1, "
+                                     f"127.0.0.1:{plain.getsockname()[1]} send-proxy=no\n",
+                              tmp=str(tmp_path))
+        with connect(daemon.port()) as client:
+            seen = b"".join(iter(lambda: client.recv(1024), b"")).decode()
+            assert seen == (f"127.0.0.1:{client.getsockname()[1]} "
+                            f"{daemon.address['default']}\n")
+        with connect(daemon.port()) as client:
+            client.sendall(b"hello")
+            accepted, _ = plain.accept()
+            with accepted:
+                accepted.settimeout(10)
+                assert accepted.recv(100) == b"hello"
+    finally:
+        plain.close()
+        stop(nginx)
+
+
+def start_haproxy(config_path, text):
+    """HAProxy in the foreground with ``text`` as its config, in a session of its own."""
+    config_path.write_text(text)
+    return subprocess.Popen(["haproxy", "-db", "-f", str(config_path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+HAPROXY_DEFAULTS = """global
+    maxconn 100
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+"""
+
+
+def wait_for_unix(path, process, timeout=15.0):
+    """Return once something accepts on the unix socket ``path``, else fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(path)
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"nothing listens on {path}") from None
+            time.sleep(0.02)  # polling for a socket to appear, not synchronising on time
+
+
+def hashed_roundtrip(client, size=1 << 20):
+    """Send ``size`` random bytes, half-close, and check they all come back (by hash)."""
+    data = os.urandom(size)
+    client.sendall(data)
+    client.shutdown(socket.SHUT_WR)
+    received = b"".join(iter(lambda: client.recv(65536), b""))
+    assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+
+
+@pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
+def test_haproxy_over_a_unix_socket_to_gconn_names_the_tcp_client(start_daemon, start_echo,
+                                                                   tmp_path, send_proxy):
+    """TCP client -> HAProxy -> gconn listening on a unix socket (accept-proxy: a unix peer
+    is believed): the header names the TCP client, whose bytes come back byte for byte."""
+    echo = start_echo()
+    path = str(tmp_path / "gconn.sock")
+    daemon = start_daemon(config=f"[gconn]\nworkers = 1\n[route:default]\nbind = unix:{path}\n"
+                                 f"destinations = {echo.address}\naccept-proxy = any\n",
+                          tmp=str(tmp_path))
+    port = free_port()
+    haproxy = start_haproxy(tmp_path / "haproxy.cfg", HAPROXY_DEFAULTS + f"""
+frontend in
+    bind 127.0.0.1:{port}
+    default_backend gconn
+backend gconn
+    server gconn unix@{path} {send_proxy}
+""")
+    try:
+        wait_for_port(port, haproxy)
+        since = daemon.mark()
+        with connect(port) as client:
+            client_port = client.getsockname()[1]
+            hashed_roundtrip(client)
+        line = fields(access_line(daemon, since, client_port))
+        assert line["client"] == f"127.0.0.1:{client_port}" and line["end"] == "client_closed"
+    finally:
+        stop(haproxy)
+
+
+@pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
+def test_a_unix_socket_client_of_haproxy_reaches_gconn_as_unknown_or_local(
+        start_daemon, start_echo, tmp_path, send_proxy):
+    """unix client -> HAProxy (bind unix@) -> gconn over TCP: HAProxy's header for a unix
+    client carries no address (v1 UNKNOWN, v2 LOCAL with no family); gconn serves it, byte
+    for byte, with HAProxy as the client."""
+    daemon = start(start_daemon, start_echo, tmp_path)
+    path = str(tmp_path / "haproxy.sock")
+    haproxy = start_haproxy(tmp_path / "haproxy.cfg", HAPROXY_DEFAULTS + f"""
+frontend in
+    bind unix@{path}
+    default_backend gconn
+backend gconn
+    server gconn {daemon.address['default']} {send_proxy}
+""")
+    try:
+        wait_for_unix(path, haproxy)
+        since = daemon.mark()
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(30)
+            client.connect(path)
+            hashed_roundtrip(client)
+        # (the readiness probe's own connection through HAProxy may log first)
+        line = fields(daemon.wait_line(lambda text: f" bytes_up={1 << 20} " in text,
+                                       since=since))
+        assert line["end"] == "client_closed"
+        assert line["client"].startswith("127.0.0.1:") and "via" not in line, line
+    finally:
+        stop(haproxy)
+
+
+def test_a_connection_reading_its_header_is_in_phase_handshake(start_daemon, start_echo,
+                                                               tmp_path):
+    """/connections shows a client whose PROXY header is still coming as phase handshake,
+    under the balancer's address, and as forwarding under its real one once it has come."""
+    echo = start_echo()
+    daemon = start_daemon(config=f"[gconn]\nworkers = 1\n[route:default]\nbind = 127.0.0.1:0\n"
+                                 f"destinations = {echo.address}\naccept-proxy = v1\n",
+                          tmp=str(tmp_path))
+    with connect(daemon.port()) as client:
+        client.sendall(b"PROXY TCP4 203.0.113.9 ")
+        balancer = "127.0.0.1:%d" % client.getsockname()[1]
+
+        def phase_of(name):
+            status, body = get(daemon, "/connections")
+            assert status == 200
+            return {entry["client"]: entry["phase"]
+                    for entry in json.loads(body)["connections"]}.get(name)
+
+        deadline = time.monotonic() + 10
+        while phase_of(balancer) != "handshake":  # until the worker has accepted it
+            assert time.monotonic() < deadline, "never seen in phase handshake"
+            time.sleep(0.02)
+        client.sendall(b"198.51.100.1 5000 443\r\nping")
+        assert client.recv(4) == b"ping"
+        assert phase_of("203.0.113.9:5000") == "forwarding"

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from gconn.errors import DestinationUnavailable, GconnError
-from gconn.sockets import wait_readable, wait_writable
+from gconn.sockets import receive_within, send_within
 
 V1_MAX = 107  # longest v1 line with CRLF: "PROXY UNKNOWN", two full IPv6 addresses, two ports
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -397,17 +397,13 @@ def read_header(sock, accept, timeout):
     header = b""
     while True:
         try:
-            peeked = sock.recv(limit - len(header), socket.MSG_PEEK)
-        except BlockingIOError:
-            left = deadline - time.monotonic()
-            if left <= 0 or not wait_readable(sock.fileno(), left):
-                came = f" ({len(header)} bytes came)" if header else ""
-                raise ProxyHeaderError(
-                    f"no complete PROXY header within {timeout:g}s{came}") from None
-            continue
+            peeked = receive_within(sock, limit - len(header), deadline, socket.MSG_PEEK)
         except OSError as error:
             raise ProxyHeaderError(f"client failed before its PROXY header ended: "
                                    f"{error.strerror or error}") from None
+        if peeked is None:
+            came = f" ({len(header)} bytes came)" if header else ""
+            raise ProxyHeaderError(f"no complete PROXY header within {timeout:g}s{came}")
         if not peeked:
             raise ProxyHeaderError("client closed before its PROXY header ended")
         data = header + peeked
@@ -431,19 +427,14 @@ def _consume(sock, count):
 def send_header(sock, header, timeout):
     """Write ``header`` to the freshly connected non-blocking ``sock`` in the calling greenlet
     before any client byte; DestinationUnavailable when it cannot within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    view = memoryview(header)
-    while view:
-        try:
-            view = view[sock.send(view):]
-        except BlockingIOError:
-            left = deadline - time.monotonic()
-            if left <= 0 or not wait_writable(sock.fileno(), left):
-                raise DestinationUnavailable("destination did not take the PROXY header "
-                                             f"within {timeout:g}s") from None
-        except OSError as error:
-            raise DestinationUnavailable(f"sending the PROXY header: "
-                                         f"{error.strerror or error}") from None
+    try:
+        sent = send_within(sock, header, time.monotonic() + timeout)
+    except OSError as error:
+        raise DestinationUnavailable(f"sending the PROXY header: "
+                                     f"{error.strerror or error}") from None
+    if not sent:
+        raise DestinationUnavailable(f"destination did not take the PROXY header within "
+                                     f"{timeout:g}s")
 
 
 def check_header(version):
