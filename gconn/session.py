@@ -162,10 +162,11 @@ class Session:
 
     def read_proxy_header(self):
         """The route's first step behind a balancer: believe a PROXY header only from
-        accept-proxy-from (or a unix-socket peer), read it (proxy-header-timeout), and make the client it names this
-        connection's client everywhere (access log, blocked hosts, admin), the balancer's
-        address going to ``via``.  A v2 LOCAL header (the balancer's own health check) keeps
-        the balancer as the client.  ProxyHeaderError ends the connection."""
+        accept-proxy-from (or a unix-socket peer), read it (proxy-header-timeout), and make
+        the client it names this connection's client everywhere (access log, blocked hosts,
+        admin), the balancer's address going to ``via``.  A v2 LOCAL header (the balancer's
+        own health check) keeps the balancer as the client.  ProxyHeaderError ends the
+        connection."""
         config = self.route.config
         balancer = client_host(self.address)
         # a unix-socket peer is a process on this host, let in by the socket file's permissions

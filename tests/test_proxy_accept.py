@@ -9,6 +9,7 @@ through an echo), the access line names the client the header carried and the ba
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -499,7 +500,7 @@ def test_a_connection_reading_its_header_is_in_phase_handshake(start_daemon, sta
                           tmp=str(tmp_path))
     with connect(daemon.port()) as client:
         client.sendall(b"PROXY TCP4 203.0.113.9 ")
-        balancer = "127.0.0.1:%d" % client.getsockname()[1]
+        balancer = f"127.0.0.1:{client.getsockname()[1]}"
 
         def phase_of(name):
             status, body = get(daemon, "/connections")
@@ -514,3 +515,72 @@ def test_a_connection_reading_its_header_is_in_phase_handshake(start_daemon, sta
         client.sendall(b"198.51.100.1 5000 443\r\nping")
         assert client.recv(4) == b"ping"
         assert phase_of("203.0.113.9:5000") == "forwarding"
+
+
+def test_an_ipv4_balancer_matches_an_ipv4_mapped_network(start_daemon, start_echo, tmp_path):
+    """accept-proxy-from written as IPv4-mapped IPv6 (::ffff:127.0.0.0/104, as a dual-stack
+    config may say it) believes an IPv4 balancer's header.  (gconn's own IPv6 listeners are
+    IPv6-only; the pure tests cover a mapped peer against IPv4 blocks.)"""
+    echo = start_echo()
+    daemon = start_daemon(config=f"[gconn]\nworkers = 1\n[route:default]\nbind = 127.0.0.1:0\n"
+                                 f"destinations = {echo.address}\naccept-proxy = v1\n"
+                                 f"accept-proxy-from = ::ffff:127.0.0.0/104\n", tmp=str(tmp_path))
+    since = daemon.mark()
+    with connect(daemon.port()) as client:
+        client.sendall(proxy.build_v1(("192.0.2.44", 1234), ("198.51.100.1", 80)) + b"ping")
+        assert client.recv(4) == b"ping"
+    line = fields(access_line(daemon, since))
+    assert line["client"] == "192.0.2.44:1234" and line["via"].startswith("127.0.0.1:")
+
+
+def fuzzed_headers(seed, count):
+    """``count`` header-like inputs from a seeded generator: valid headers with one byte
+    changed, cut short, or followed by junk; random bytes after either signature."""
+    rng = random.Random(seed)
+    valid = [proxy.build_v1(("192.0.2.1", 1), ("192.0.2.2", 2)),
+             proxy.build_v1(("2001:db8::1", 65535), ("2001:db8::2", 1)),
+             proxy.build_v2(("192.0.2.1", 1), ("192.0.2.2", 2), tlvs=[(0x04, b"x" * 30)]),
+             proxy.build_v2(("2001:db8::1", 1), ("2001:db8::2", 2)), proxy.local_v2()]
+    for _ in range(count):
+        header = bytearray(rng.choice(valid))
+        kind = rng.randrange(4)
+        if kind == 0:
+            header[rng.randrange(len(header))] = rng.randrange(256)
+        elif kind == 1:
+            del header[rng.randrange(1, len(header)):]
+        elif kind == 2:
+            header[rng.randrange(len(header)):] = rng.randbytes(rng.randrange(1, 200))
+        else:
+            header = bytearray(header[:rng.choice((6, 12))] + rng.randbytes(rng.randrange(300)))
+        yield bytes(header)
+
+
+def test_fuzzed_headers_never_hurt_the_worker(start_daemon, start_echo, tmp_path):
+    """500 seeded fuzzed headers over real sockets: each connection ends with one access line,
+    the worker is the same process afterwards, and a good client still round-trips."""
+    daemon = start(start_daemon, start_echo, tmp_path)  # proxy-header-timeout 0.5s
+    since = daemon.mark()
+    inputs = list(fuzzed_headers(seed=15, count=500))
+    for start_at in range(0, len(inputs), 50):  # 50 at a time: each may wait for the timeout
+        clients = []
+        for data in inputs[start_at:start_at + 50]:
+            client = connect(daemon.port())
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+            clients.append(client)
+        for client in clients:
+            with client:
+                client.settimeout(10)
+                try:
+                    while client.recv(65536):
+                        pass
+                except ConnectionResetError:
+                    pass
+    daemon.wait_line(lambda line: sum(" end=" in seen for seen in daemon.lines[since:])
+                     >= len(inputs), since=since)
+    ended = [fields(line)["end"] for line in daemon.lines[since:] if " end=" in line]
+    assert len(ended) == len(inputs) and "error" not in ended, set(ended)
+    assert "bad_proxy_header" in ended
+    assert not any("Traceback" in line or "session failed" in line for line in daemon.lines)
+    assert echo_roundtrip(daemon.port(), proxy.local_v2() + b"still here") == (
+        hashlib.sha256(b"still here").hexdigest(), 10)
