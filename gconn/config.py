@@ -23,9 +23,13 @@ import configargparse
 
 from . import __version__
 from .errors import ConfigError
+from .protocols import sni
 from .settings import BY_NAME, PROCESS_SETTINGS, ROUTE_ONLY, ROUTE_SETTINGS, SETTINGS
 
 DEFAULT_ROUTE_NAME = "default"  # the route made of --bind and --destination
+# what routes sharing a bind must agree on: what happens before a server name picks the route
+BIND_SHARED = ("backlog", "accept-proxy", "accept-proxy-from", "proxy-header-timeout",
+               "tls-handshake-timeout")
 GCONN_KEYS = tuple(s.name for s in SETTINGS if s.scope != ROUTE_ONLY)  # allowed in [gconn]
 ROUTE_KEYS = tuple(s.name for s in ROUTE_SETTINGS)  # allowed in [route:NAME]
 # ConfigArgParse's names for where a value came from (get_source_to_settings_dict's keys)
@@ -265,10 +269,13 @@ def load(argv=None, environ=None):
         route_values = {}
         for setting in ROUTE_SETTINGS:
             if setting.scope == ROUTE_ONLY:
-                if setting.name not in given:
+                if setting.name in given:
+                    route_values[setting.name] = given[setting.name]
+                elif setting.default is None:
                     raise ConfigError(f"route has no {setting.name}", source=origin,
                                       key=setting.name, section=section_name)
-                route_values[setting.name] = given[setting.name]
+                else:
+                    route_values[setting.name] = Value(setting.default, "default")
             elif setting.name in given and setting.name not in overrides:
                 route_values[setting.name] = given[setting.name]
             else:
@@ -294,7 +301,8 @@ def _route_inputs(ini_file, options, merged):
         inputs.append((section.name, f"{ini_file.path}:{section.line}", given))
     if "bind" in merged or "destinations" in merged:
         name = options.route_name or DEFAULT_ROUTE_NAME
-        given = {key: merged[key] for key in ("bind", "destinations") if key in merged}
+        given = {setting.name: merged[setting.name] for setting in ROUTE_SETTINGS
+                 if setting.scope == ROUTE_ONLY and setting.name in merged}
         origin = next(iter(given.values())).source
         if not _ROUTE_NAME.match(name):
             raise ConfigError(f"bad route name {name!r}: use letters, digits, . _ -",
@@ -348,15 +356,37 @@ def _check_admin_exposure(process, values):
 
 
 def _check_distinct_binds(routes, values):
-    """Two routes may not listen on one address."""
+    """Two routes may share one address only as TLS routes told apart by ``server-names``
+    (at most one without names: the default), with no name claimed twice and the same
+    settings for what happens before the name is known."""
     owners = {}
     for route in routes:
-        if route.bind in owners and route.bind.port != 0:
-            source = values[f"route:{route.name}"]["bind"].source
-            raise ConfigError(f"address {route.bind} is already the bind of route "
-                              f"{owners[route.bind]!r}", source=source, key="bind",
-                              section=f"route:{route.name}")
-        owners[route.bind] = route.name
+        if route.bind.port == 0 and route.bind.family != "unix":
+            continue
+        section = f"route:{route.name}"
+        given = values[section]
+        for other in owners.get(route.bind, ()):
+            if not route.server_names and not other.server_names:
+                raise ConfigError(f"address {route.bind} is already the bind of route "
+                                  f"{other.name!r} (routes share a bind only when all but "
+                                  f"one name server-names)", source=given["bind"].source,
+                                  key="bind", section=section)
+            shared = sni.overlap(route.server_names, other.server_names)
+            if shared:
+                raise ConfigError(f"server name {shared} is already route {other.name!r}'s "
+                                  f"on {route.bind}", source=given["server-names"].source,
+                                  key="server-names", section=section)
+            for key in BIND_SHARED:
+                attribute = BY_NAME[key].attribute
+                if getattr(route, attribute) != getattr(other, attribute):
+                    value = given.get(key)
+                    raise ConfigError(
+                        f"routes sharing {route.bind} must agree on {key}: "
+                        f"{getattr(route, attribute)!r} here, {getattr(other, attribute)!r} "
+                        f"in route {other.name!r}",
+                        source=value.source if value else given["bind"].source, key=key,
+                        section=section)
+        owners.setdefault(route.bind, []).append(route)
 
 
 __all__ = ["Config", "RouteConfig", "ProcessConfig", "Value", "IniFile", "load",

@@ -41,7 +41,7 @@ def route_report(route, now):
                          "connected_total": d.connected_total, "failed_total": d.failed_total,
                          "last_error": d.last_error}
                         for d in route.destinations.destinations]
-    return {"listening": route.server.started, "address": route.address,
+    return {"listening": route.owner.server.started, "address": route.address,
             "serving": route.destinations.has_candidates(now),
             "greenlets": len(route.pool), "pool_size": route.pool.size,
             "accept_pauses": route.accept_pauses,

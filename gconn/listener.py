@@ -82,7 +82,7 @@ class Acceptor(StreamServer):
         route.accepted += 1
         # behind a balancer (accept-proxy) the peer is the balancer: the connection's
         # greenlet checks the client its PROXY header names instead
-        if not route.reads_proxy and route.blocker.blocked(client_host(address),
+        if not route.checks_host_later and route.blocker.blocked(client_host(address),
                                                            time.monotonic()):
             route.admission.count_shed(BLOCKED_HOST)
             return route.shed(client, address, BLOCKED_HOST,

@@ -92,6 +92,8 @@ def access_line(context, end, duration, error=None):
     fields = (("conn", context.id), ("route", context.route), ("client", context.client))
     if context.via:
         fields += (("via", context.via),)
+    if context.sni:
+        fields += (("sni", context.sni),)
     fields += (
         ("destination", context.destination or "-"), ("bytes_up", context.bytes_up),
         ("bytes_down", context.bytes_down), ("duration", f"{duration:.3f}"), ("end", end),

@@ -22,6 +22,7 @@ from .listener import Acceptor
 from .local import ConnectionContext
 from .log import log_access
 from .protocols import refusal
+from .protocols.sni import ServerNames
 from .session import Session
 from .sockets import bound_address, client_host, listen, peer_name
 
@@ -33,7 +34,8 @@ REFUSALS = 256  # clients of a route refused at once in greenlets of their own (
 class Route:
     """One route in this process: listener, pool, admission, destinations, accounting."""
 
-    def __init__(self, config, registry, reuse_port=False, listener=None):
+    def __init__(self, config, registry, reuse_port=False, listener=None, shares=None,
+                 pool_size=None):
         self.config = config
         self.name = config.name
         self.registry = registry
@@ -43,16 +45,34 @@ class Route:
         self.admission = Admission(config.max_connections, config.max_queued)
         self.blocker = HostBlocker(config.max_connect_errors, config.blocked_host_time)
         self.reads_proxy = config.accept_proxy != "no"  # a PROXY header first, then the rest
-        self.pool = Pool(config.max_connections + config.max_queued)  # the forwarding pool
+        self.sni = None  # on a server-names bind: which route serves which name (sni.py)
+        # the acceptor cannot know the client yet (behind a balancer) or its route (by name)
+        self.checks_host_later = self.reads_proxy
+        # the forwarding pool; a shared bind's first route holds every route's greenlets
+        self.pool = Pool(pool_size or config.max_connections + config.max_queued)
         self.refusals = Pool(REFUSALS)  # greenlets refusing clients shed in the accept path
         self.accept_pauses = 0  # times accepting paused for descriptors (admin: accept_pauses)
         self.accepted = 0  # clients accepted (metrics.flush publishes the plain counts)
         self.ended = {}  # how sessions ended -> how many
         self.draining = False  # the worker is shutting down: forwarding sessions hold it up
+        self.owner = shares or self  # the route whose listener this one is reached through
+        if shares is not None:  # picked by server name on another route's listener
+            self.owns_address, self.socket, self.server = False, None, None
+            self.address = shares.address
+            return
         self.owns_address = listener is None  # an inherited unix listener is the supervisor's
         self.socket = listener or listen(config.bind, config.backlog, reuse_port=reuse_port)
         self.address = bound_address(self.socket, config.bind)
         self.server = Acceptor(self.socket, self)
+
+    def pick_by_server_name(self, routes):
+        """Make this route's listener serve ``routes`` (itself among them), each picked by the
+        server name of the client's ClientHello; the one without names is the default."""
+        named = [(route.config.server_names, route) for route in routes
+                 if route.config.server_names]
+        default = next((route for route in routes if not route.config.server_names), None)
+        self.sni = ServerNames(named, default)
+        self.checks_host_later = True
 
     def serve(self, client, address):
         """The body of one connection's greenlet (the acceptor spawns it into the pool)."""
@@ -119,14 +139,18 @@ class Route:
 
     def start(self):
         """Start accepting and checking destinations."""
-        self.server.start()
+        if self.server is not None:
+            self.server.start()
         self.health.start()
-        LOGGER.info("listening route=%s address=%s", self.name, self.address)
+        shared = "" if self.owner is self else f" (by server name, on route {self.owner.name}'s" \
+                                                f" listener)"
+        LOGGER.info("listening route=%s address=%s%s", self.name, self.address, shared)
 
     def stop_accepting(self):
         """Close the listener: new clients are refused, live sessions go on; waiting sessions
         are shed (they would wait for a slot that a draining worker will not give)."""
-        self.server.close()
+        if self.server is not None:
+            self.server.close()
         self.health.stop()
         for waiter in self.admission.drop_waiting():  # counted there; each wakes and leaves
             waiter.woken.set()

@@ -6,12 +6,16 @@ order, up to queue-timeout), pick destinations, connect with failover, forward b
 (forward.py: this greenlet waits on both sockets itself), and finish: close both sockets
 exactly once, give the slot back, write the access-log line. Errors are exceptions caught in
 one place, ``run``. Behind a balancer (accept-proxy) the first step reads its PROXY header
-(protocols/proxy.py). The connection's context and error state live on this greenlet
-(local.py), so every log line written here carries ``conn=`` and the access line carries
-``error=`` when the connection ended abnormally. The client's bytes are never read before a
-destination is connected (they wait in the kernel), a PROXY header excepted. The session owns
-and closes both sockets; killing its greenlet (GreenletExit, the pool's kill at shutdown) ends
-it cleanly as ``shutdown``.
+(protocols/proxy.py); on a bind shared by server name the next reads the ClientHello and
+makes the session the chosen route's (protocols/sni.py), forwarding the hello first; a
+refused client is told why in its route's protocol (protocols/refusal.py). The connection's
+context and error state live on this greenlet (local.py), so every log line written here
+carries ``conn=`` and the access line carries ``error=`` when the connection ended
+abnormally. The client's bytes are never read before a destination is connected (they wait
+in the kernel), except a PROXY header, a ClientHello (kept and forwarded first) and what a
+refused PostgreSQL client says before it listens. The session owns and closes both sockets;
+killing its greenlet (GreenletExit, the pool's kill at shutdown) ends it cleanly as
+``shutdown``.
 """
 
 import logging
@@ -27,8 +31,8 @@ from .admission import ADMIT, BLOCKED_HOST, NO_DESTINATION, QUEUE, QUEUE_TIMEOUT
 from .errors import DestinationUnavailable, ResourceExhausted, Shed
 from .forward import Pump
 from .log import log_access
-from .protocols import proxy, refusal
-from .sockets import client_host, connect, peer_name
+from .protocols import proxy, refusal, sni
+from .sockets import client_host, connect, peer_name, send_within
 
 LOGGER = logging.getLogger("gconn.session")
 
@@ -78,7 +82,7 @@ class Session:
     """One accepted client of one route; ``run`` is its greenlet's whole life."""
 
     __slots__ = ("route", "client", "address", "context", "started", "greenlet", "upstream",
-                 "destination", "pump", "has_slot", "woken", "addressed")
+                 "destination", "pump", "has_slot", "woken", "addressed", "hello")
 
     def __init__(self, route, client, address):
         self.route = route
@@ -94,6 +98,7 @@ class Session:
         self.has_slot = False  # holds one of the route's active slots (give it back at finish)
         self.woken = None  # the Event a queued session waits on
         self.addressed = None  # where the client connected to, as a received PROXY header said
+        self.hello = b""  # the ClientHello bytes read to pick the route: forwarded first
 
     def run(self):
         """The connection's greenlet: slot, destination, forward, finish; never raises."""
@@ -108,6 +113,12 @@ class Session:
         except proxy.ProxyHeaderError as error:  # a balancer's mistake or a spoofer: just close
             local.set_error("bad_proxy_header", str(error))
             end = "bad_proxy_header"
+        except sni.HelloError as error:  # not TLS, or no whole ClientHello in time
+            local.set_error("tls_handshake_failed", str(error))
+            end = "tls_handshake_failed"
+        except sni.UnknownServerName as error:
+            local.set_error("unknown_server_name", str(error))
+            end = "unknown_server_name"
         except DestinationUnavailable as error:  # each failure is in the error state already
             LOGGER.warning("%s", error)
             end = "connect_failed"
@@ -135,6 +146,12 @@ class Session:
         if route.reads_proxy:
             self.context.phase = "handshake"
             self.read_proxy_header()
+        if route.sni is not None:
+            route = self.pick_route_by_server_name()
+        if route.checks_host_later and route.blocker.blocked(client_host(self.address),
+                                                             time.monotonic()):
+            route.admission.count_shed(BLOCKED_HOST)
+            raise Shed(BLOCKED_HOST, "client host blocked after max-connect-errors failures")
         decision = route.admission.arrive(self)  # counts a queue_full shed itself
         if decision == ADMIT:
             self.has_slot = True
@@ -153,6 +170,8 @@ class Session:
         self.context.destination = self.destination.name
         if self.destination.send_proxy != "no":
             self.send_proxy_header()
+        if self.hello:  # the ClientHello that picked the route, untouched, before the rest
+            self.send_first(self.hello)
         self.context.phase = "draining" if route.draining else "forwarding"
         LOGGER.debug("forwarding client=%s destination=%s", self.context.client,
                      self.context.destination)  # conn= comes from this greenlet's context
@@ -180,9 +199,26 @@ class Session:
         self.context.via = self.context.client
         self.address, self.addressed = info.source, info.destination
         self.context.client = peer_name(info.source)
-        if self.route.blocker.blocked(client_host(info.source), time.monotonic()):
-            self.route.admission.count_shed(BLOCKED_HOST)
-            raise Shed(BLOCKED_HOST, "client host blocked after max-connect-errors failures")
+
+    def pick_route_by_server_name(self):
+        """On a bind shared by server name: read the client's ClientHello (bounded in bytes
+        and tls-handshake-timeout, decided as soon as it is whole), become a session of the
+        route serving that name, and keep the bytes to forward first.  HelloError or
+        UnknownServerName end the connection."""
+        owner = self.route
+        self.context.phase = "handshake"
+        hello, self.hello = sni.read_client_hello(self.client, owner.config.tls_handshake_timeout)
+        self.context.sni = hello.server_name
+        route = owner.sni.route_for(hello.server_name)
+        if route is None:
+            raise sni.UnknownServerName(f"no route of {owner.address} serves server name "
+                                        f"{hello.server_name or '(none)'}")
+        if route is not owner:  # counted where it was accepted; it belongs to the other route
+            owner.accepted -= 1
+            route.accepted += 1
+            self.route = route
+            self.context.route = route.name
+        return route
 
     def send_proxy_header(self):
         """Tell the destination who the client is, before its first byte: the client's
@@ -201,6 +237,19 @@ class Session:
         except DestinationUnavailable as error:
             local.set_error("connect_failed", f"{self.destination.name}: {error}")
             raise
+
+    def send_first(self, data):
+        """Write ``data`` to the destination before any client byte, within connect-timeout;
+        DestinationUnavailable (recorded as connect_failed) when it does not take it."""
+        try:
+            sent = send_within(self.upstream, data, time.monotonic()
+                               + self.route.config.connect_timeout)
+            why = None if sent else "did not take the ClientHello within connect-timeout"
+        except OSError as error:
+            why = f"sending the ClientHello: {error.strerror or error}"
+        if why:
+            local.set_error("connect_failed", f"{self.destination.name}: {why}")
+            raise DestinationUnavailable(f"{self.destination.name}: {why}")
 
     def wait_for_slot(self):
         """Queued: wait for a slot handed over by ``give_slot``, up to queue-timeout;
@@ -239,7 +288,7 @@ class Session:
         """The admin's view of this connection (bytes as of now, its greenlet, its phase)."""
         context = self.context
         if self.pump is not None:
-            context.bytes_up = self.pump.bytes_up
+            context.bytes_up = self.pump.bytes_up + len(self.hello)
             context.bytes_down = self.pump.bytes_down
         view = context.as_dict()
         greenlet = self.greenlet
@@ -253,7 +302,8 @@ class Session:
         context = self.context
         pump = self.pump
         if pump is not None:
-            context.bytes_up, context.bytes_down = pump.bytes_up, pump.bytes_down
+            context.bytes_up = pump.bytes_up + len(self.hello)
+            context.bytes_down = pump.bytes_down
         route = self.route
         duration = time.monotonic() - self.started
         try:

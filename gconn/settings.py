@@ -13,6 +13,7 @@ import re
 
 from .protocols.proxy import parse_networks
 from .protocols.refusal import PROTOCOLS
+from .protocols.sni import parse_server_names
 
 SECONDS = 1.0
 MILLISECONDS = SECONDS / 1000
@@ -256,6 +257,7 @@ parse_boolean.allowed = "yes | no"
 parse_size.allowed = "size: 4096, 64k, 1m"
 parse_text.allowed = "text"
 parse_source.allowed = "an IP address, or empty"
+parse_server_names.allowed = "host names or *.suffix wildcards, comma-separated"
 parse_bind.allowed = "host:port | [ipv6]:port | unix:/path"
 parse_destinations.allowed = "host:port [backup] [send-proxy=no|v1|v2], ..."
 parse_admin_address.allowed = "host:port | [ipv6]:port | unix:/path | empty"
@@ -335,6 +337,13 @@ SETTINGS = (
             "shed at once"),
     Setting("queue-timeout", ROUTE, parse_duration, "5s",
             "a client waiting longer than this for a slot is shed"),
+    Setting("server-names", ROUTE_ONLY, parse_server_names, "",
+            "TLS server names (SNI) this route serves, exact or *.suffix, comma-separated: "
+            "routes sharing one bind are picked by the name in the client's ClientHello, "
+            "which is read (not decrypted) and forwarded untouched; the route on that bind "
+            "without names is the default, else an unknown name is closed"),
+    Setting("tls-handshake-timeout", ROUTE, duration_at_least(0.001, "1ms"), "5s",
+            "how long a client on a server-names bind may take to send its whole ClientHello"),
     Setting("accept-proxy", ROUTE, one_of(PROXY_VERSIONS), "no",
             "read a PROXY protocol header (HAProxy's v1 text, v2 binary, or any) before "
             "anything else; its client address becomes the connection's client"),

@@ -51,10 +51,21 @@ class Worker:
 
     def bind(self):
         """Open every route's listener; on a StartupError close those already open and raise."""
+        groups = {}  # routes sharing one bind, told apart by server name (config.py checked)
+        for route in self.config.routes:
+            alone = route.bind.port == 0 and route.bind.family != "unix"
+            groups.setdefault(id(route) if alone else route.bind, []).append(route)
         try:
-            for route in self.config.routes:
-                inherited = self.listeners.get(str(route.bind))
-                self.routes.append(Route(route, self.registry, self.reuse_port, inherited))
+            for configs in groups.values():
+                inherited = self.listeners.get(str(configs[0].bind))
+                size = sum(config.max_connections + config.max_queued for config in configs)
+                first = Route(configs[0], self.registry, self.reuse_port, inherited,
+                              pool_size=size)
+                routes = [first] + [Route(config, self.registry, shares=first)
+                                    for config in configs[1:]]
+                self.routes.extend(routes)
+                if any(config.server_names for config in configs):
+                    first.pick_by_server_name(routes)
         except BaseException:
             for server in self.routes:
                 server.stop_accepting()

@@ -132,6 +132,7 @@ def test_as_dict_reports_every_field_and_the_age():
         "route": "db",
         "client": ("192.0.2.2", 5000),
         "via": None,
+        "sni": None,
         "destination": ("198.51.100.1", 5432),
         "phase": "forwarding",
         "started": context.started,
