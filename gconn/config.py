@@ -23,7 +23,7 @@ import configargparse
 
 from . import __version__
 from .errors import ConfigError
-from .protocols import sni
+from .protocols import sni, tls
 from .settings import BY_NAME, PROCESS_SETTINGS, ROUTE_ONLY, ROUTE_SETTINGS, SETTINGS
 
 DEFAULT_ROUTE_NAME = "default"  # the route made of --bind and --destination
@@ -284,6 +284,8 @@ def load(argv=None, environ=None):
         routes.append(_route_config(section_name, route_values))
 
     _check_distinct_binds(routes, values)
+    for route in routes:
+        _check_tls(route, values[f"route:{route.name}"])
     process = ProcessConfig(**{
         BY_NAME[key].attribute: _check(BY_NAME[key], value.text, value.source, "gconn")
         for key, value in values["gconn"].items()})
@@ -355,6 +357,28 @@ def _check_admin_exposure(process, values):
                           source=values["admin"].source, key="admin", section="gconn")
 
 
+def _check_tls(route, given):
+    """A terminating route's certificates, keys and CA load and match (exit 2 otherwise)."""
+    if not route.tls_cert:
+        if route.tls_key:
+            raise ConfigError("tls-key without tls-cert", source=given["tls-key"].source,
+                              key="tls-key", section=f"route:{route.name}")
+        return
+    where = dict(source=given["tls-cert"].source, key="tls-cert", section=f"route:{route.name}")
+    if route.tls_key and len(route.tls_key) != len(route.tls_cert):
+        raise ConfigError(f"{len(route.tls_cert)} tls-cert files but {len(route.tls_key)} "
+                          f"tls-key files: give one key per certificate, or none", **where)
+    if route.server_names:
+        raise ConfigError("a route that terminates TLS cannot also be picked by server-names "
+                          "(the certificate pairs are picked by server name instead)", **where)
+    pairs = tuple(zip(route.tls_cert, route.tls_key or ("",) * len(route.tls_cert),
+                      strict=True))
+    try:
+        tls.server_context(pairs, route.tls_client_ca, route.tls_min_version, route.tls_ciphers)
+    except ValueError as error:
+        raise ConfigError(str(error), **where) from None
+
+
 def _check_distinct_binds(routes, values):
     """Two routes may share one address only as TLS routes told apart by ``server-names``
     (at most one without names: the default), with no name claimed twice and the same
@@ -366,6 +390,11 @@ def _check_distinct_binds(routes, values):
         section = f"route:{route.name}"
         given = values[section]
         for other in owners.get(route.bind, ()):
+            if route.tls_cert or other.tls_cert:
+                raise ConfigError(f"address {route.bind} is already the bind of route "
+                                  f"{other.name!r}; a route that terminates TLS (tls-cert) "
+                                  f"shares its bind with no other", source=given["bind"].source,
+                                  key="bind", section=section)
             if not route.server_names and not other.server_names:
                 raise ConfigError(f"address {route.bind} is already the bind of route "
                                   f"{other.name!r} (routes share a bind only when all but "

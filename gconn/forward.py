@@ -104,7 +104,7 @@ class _Flow:
     """One direction: reads ``source``, writes ``target``, keeps at most one unsent chunk."""
 
     __slots__ = ("pump", "source", "target", "reader", "writer", "pending", "count", "ended",
-                 "from_client", "bulk", "pipe", "in_pipe")
+                 "from_client", "bulk", "pipe", "in_pipe", "tls_source", "tls_target")
 
     def __init__(self, pump, source, target, from_client):
         self.pump = pump
@@ -119,6 +119,10 @@ class _Flow:
         self.bulk = False  # the last read filled the buffer: splice while that lasts
         self.pipe = None  # (read fd, write fd) while spliced bytes are in flight
         self.in_pipe = 0  # bytes spliced in from the source, not yet out to the target
+        # a TLS end (protocols/tls.py) buffers bytes its socket will not signal: decrypted
+        # plaintext to read on, ciphertext still to send
+        self.tls_source = hasattr(source, "unsent")
+        self.tls_target = hasattr(target, "unsent")
 
     def on_readable(self):
         """Read one chunk and send it on; keep what the target would not take."""
@@ -145,11 +149,13 @@ class _Flow:
         except OSError as error:
             self.pump.fail(not self.from_client, error)
             return
-        if sent < received:
-            self.pending = bytes(buffer[sent:received])
+        if sent < received or (self.tls_target and self.target.unsent):
+            self.pending = bytes(buffer[sent:received])  # b"": only ciphertext is left
             self.wait_writable()
         elif received == len(buffer) and self.pump.splice:  # a bulk stream: splice from now
             self.bulk = True
+        elif self.tls_source and self.source.pending():  # more already decrypted or queued
+            self.on_readable()
 
     def wait_writable(self):
         """The target is full: stop reading the source until it takes what is kept."""
@@ -233,6 +239,8 @@ class _Flow:
             self.pass_end_on()
         else:
             self.reader.start(self.pump.switch, self.on_readable)
+            if self.tls_source and self.source.pending():  # its socket will not signal these
+                self.on_readable()
 
     def source_ended(self):
         """The source sent end-of-stream: stop reading it and pass the end on."""

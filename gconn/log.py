@@ -92,6 +92,8 @@ def access_line(context, end, duration, error=None):
     fields = (("conn", context.id), ("route", context.route), ("client", context.client))
     if context.via:
         fields += (("via", context.via),)
+    if context.tls:
+        fields += (("tls_version", context.tls[0]), ("tls_cipher", context.tls[1]))
     if context.sni:
         fields += (("sni", context.sni),)
     fields += (

@@ -8,6 +8,7 @@ checks (destinations.py, health.py).  What happens to one connection is session.
 module holds no per-connection logic beyond counting how sessions ended.
 """
 
+import datetime
 import logging
 import os
 import time
@@ -21,13 +22,14 @@ from .health import HealthChecks
 from .listener import Acceptor
 from .local import ConnectionContext
 from .log import log_access
-from .protocols import refusal
+from .protocols import refusal, tls
 from .protocols.sni import ServerNames
 from .session import Session
 from .sockets import bound_address, client_host, listen, peer_name
 
 LOGGER = logging.getLogger("gconn.route")
 
+EXPIRY_WARNING = datetime.timedelta(days=7)  # a certificate closer to its end is logged
 REFUSALS = 256  # clients of a route refused at once in greenlets of their own (PostgreSQL's)
 
 
@@ -46,6 +48,13 @@ class Route:
         self.blocker = HostBlocker(config.max_connect_errors, config.blocked_host_time)
         self.reads_proxy = config.accept_proxy != "no"  # a PROXY header first, then the rest
         self.sni = None  # on a server-names bind: which route serves which name (sni.py)
+        self.tls = None  # the SSLContext of a route that terminates TLS (tls.py)
+        if config.tls_cert:
+            self.tls = tls.server_context(
+                tuple(zip(config.tls_cert, config.tls_key or ("",) * len(config.tls_cert),
+                          strict=True)),
+                config.tls_client_ca, config.tls_min_version, config.tls_ciphers)
+            self.warn_of_expiry()
         # the acceptor cannot know the client yet (behind a balancer) or its route (by name)
         self.checks_host_later = self.reads_proxy
         # the forwarding pool; a shared bind's first route holds every route's greenlets
@@ -84,6 +93,16 @@ class Route:
             raise
         session.run()
 
+    def warn_of_expiry(self):
+        """Log each of the route's certificates that has expired or expires within a week."""
+        now = datetime.datetime.now(datetime.UTC)
+        for path in self.config.tls_cert:
+            left = tls.expiry(path) - now
+            if left < EXPIRY_WARNING:
+                LOGGER.warning("route=%s certificate %s %s", self.name, path,
+                               "has expired" if left.total_seconds() < 0
+                               else f"expires in {left.days} days")
+
     def refusal(self, reason, address):
         """What a client from ``address`` refused for ``reason`` is told, in the route's
         protocol (the shed-message for plain TCP)."""
@@ -96,7 +115,9 @@ class Route:
         close, the access line with ``why`` as its error.  A protocol whose client speaks
         first (PostgreSQL) is refused in a greenlet of its own, from a small bounded pool;
         when that is full the client is closed without a word."""
-        if self.config.protocol in refusal.READS_FIRST:
+        if self.tls is not None:  # its clients expect a TLS handshake: no plaintext refusal
+            pass
+        elif self.config.protocol in refusal.READS_FIRST:
             if not self.refusals.full():
                 self.refusals.spawn(self.refuse, client, address, reason, why)
                 return

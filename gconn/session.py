@@ -31,7 +31,7 @@ from .admission import ADMIT, BLOCKED_HOST, NO_DESTINATION, QUEUE, QUEUE_TIMEOUT
 from .errors import DestinationUnavailable, ResourceExhausted, Shed
 from .forward import Pump
 from .log import log_access
-from .protocols import proxy, refusal, sni
+from .protocols import proxy, refusal, sni, tls
 from .sockets import client_host, connect, peer_name, send_within
 
 LOGGER = logging.getLogger("gconn.session")
@@ -82,7 +82,8 @@ class Session:
     """One accepted client of one route; ``run`` is its greenlet's whole life."""
 
     __slots__ = ("route", "client", "address", "context", "started", "greenlet", "upstream",
-                 "destination", "pump", "has_slot", "woken", "addressed", "hello")
+                 "destination", "pump", "has_slot", "woken", "addressed", "hello",
+                 "tls_end")
 
     def __init__(self, route, client, address):
         self.route = route
@@ -99,6 +100,7 @@ class Session:
         self.woken = None  # the Event a queued session waits on
         self.addressed = None  # where the client connected to, as a received PROXY header said
         self.hello = b""  # the ClientHello bytes read to pick the route: forwarded first
+        self.tls_end = None  # the client's side through terminated TLS (protocols/tls.py)
 
     def run(self):
         """The connection's greenlet: slot, destination, forward, finish; never raises."""
@@ -114,6 +116,9 @@ class Session:
             local.set_error("bad_proxy_header", str(error))
             end = "bad_proxy_header"
         except sni.HelloError as error:  # not TLS, or no whole ClientHello in time
+            local.set_error("tls_handshake_failed", str(error))
+            end = "tls_handshake_failed"
+        except tls.TlsError as error:
             local.set_error("tls_handshake_failed", str(error))
             end = "tls_handshake_failed"
         except sni.UnknownServerName as error:
@@ -152,6 +157,8 @@ class Session:
                                                              time.monotonic()):
             route.admission.count_shed(BLOCKED_HOST)
             raise Shed(BLOCKED_HOST, "client host blocked after max-connect-errors failures")
+        if route.tls is not None:
+            self.terminate_tls()
         decision = route.admission.arrive(self)  # counts a queue_full shed itself
         if decision == ADMIT:
             self.has_slot = True
@@ -176,7 +183,10 @@ class Session:
         LOGGER.debug("forwarding client=%s destination=%s", self.context.client,
                      self.context.destination)  # conn= comes from this greenlet's context
         config = route.config
-        self.pump = Pump(self.client, self.upstream, config.buffer_size, config.splice)
+        if self.tls_end is None:
+            self.pump = Pump(self.client, self.upstream, config.buffer_size, config.splice)
+        else:  # plaintext comes out of the TLS session, not the socket: nothing to splice
+            self.pump = Pump(self.tls_end, self.upstream, config.buffer_size, splice=False)
         return self.pump.run(config.idle_timeout)
 
     def read_proxy_header(self):
@@ -199,6 +209,16 @@ class Session:
         self.context.via = self.context.client
         self.address, self.addressed = info.source, info.destination
         self.context.client = peer_name(info.source)
+
+    def terminate_tls(self):
+        """The TLS handshake with the client, within tls-handshake-timeout; its version,
+        cipher and server name go to the access line.  TlsError ends the connection."""
+        self.context.phase = "handshake"
+        route = self.route
+        self.tls_end = tls.handshake(self.client, route.tls, route.config.tls_handshake_timeout)
+        session = self.tls_end.tls
+        self.context.tls = (session.version(), session.cipher()[0])
+        self.context.sni = getattr(session, "sni", None)
 
     def pick_route_by_server_name(self):
         """On a bind shared by server name: read the client's ClientHello (bounded in bytes
@@ -282,7 +302,14 @@ class Session:
         the shed-message for plain TCP)."""
         self.context.phase = "refusing"
         route = self.route
-        refusal.refuse(self.client, route.config.protocol, route.refusal(reason, self.address))
+        message = route.refusal(reason, self.address)
+        if self.tls_end is not None:  # inside the TLS session, best effort
+            try:
+                self.tls_end.send(message)
+            except OSError:
+                pass
+        elif route.tls is None:  # a TLS client before its handshake would read garbage
+            refusal.refuse(self.client, route.config.protocol, message)
 
     def view(self, stack=False):
         """The admin's view of this connection (bytes as of now, its greenlet, its phase)."""

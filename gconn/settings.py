@@ -38,6 +38,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPS = ("default", "epoll", "poll", "select", "libuv")
 PROXY_VERSIONS = ("no", "v1", "v2", "any")  # accept-proxy: which PROXY headers are read
 SEND_PROXY_VERSIONS = ("no", "v1", "v2")  # send-proxy: which PROXY header is written
+TLS_VERSIONS = ("1.2", "1.3")  # tls-min-version
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _DURATION_UNITS = {"ms": MILLISECONDS, "s": SECONDS, "m": MINUTES, "h": HOURS, "d": DAYS,
@@ -175,6 +176,11 @@ def parse_text(text):
     return text.strip()
 
 
+def parse_paths(text):
+    """Comma-separated file paths -> a tuple (empty text: none)."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def parse_source(text):
     """An IP address (v4 or v6) to connect from, or empty for the kernel's choice."""
     text = text.strip()
@@ -257,6 +263,7 @@ parse_boolean.allowed = "yes | no"
 parse_size.allowed = "size: 4096, 64k, 1m"
 parse_text.allowed = "text"
 parse_source.allowed = "an IP address, or empty"
+parse_paths.allowed = "file paths, comma-separated"
 parse_server_names.allowed = "host names or *.suffix wildcards, comma-separated"
 parse_bind.allowed = "host:port | [ipv6]:port | unix:/path"
 parse_destinations.allowed = "host:port [backup] [send-proxy=no|v1|v2], ..."
@@ -344,6 +351,18 @@ SETTINGS = (
             "without names is the default, else an unknown name is closed"),
     Setting("tls-handshake-timeout", ROUTE, duration_at_least(0.001, "1ms"), "5s",
             "how long a client on a server-names bind may take to send its whole ClientHello"),
+    Setting("tls-cert", ROUTE_ONLY, parse_paths, "",
+            "terminate TLS: PEM certificate files (each with its chain, and its key unless "
+            "tls-key names it), comma-separated; with several, the client's server name picks "
+            "the one whose certificate names it"),
+    Setting("tls-key", ROUTE_ONLY, parse_paths, "",
+            "the PEM private keys of tls-cert, in the same order; empty: in the cert files"),
+    Setting("tls-client-ca", ROUTE, parse_text, "",
+            "with tls-cert: require client certificates signed by these CA certificates (PEM)"),
+    Setting("tls-min-version", ROUTE, one_of(tuple(TLS_VERSIONS)), "1.2",
+            "with tls-cert: the oldest TLS version accepted"),
+    Setting("tls-ciphers", ROUTE, parse_text, "",
+            "with tls-cert: TLS 1.2 cipher suites in OpenSSL's syntax; empty: OpenSSL's default"),
     Setting("accept-proxy", ROUTE, one_of(PROXY_VERSIONS), "no",
             "read a PROXY protocol header (HAProxy's v1 text, v2 binary, or any) before "
             "anything else; its client address becomes the connection's client"),

@@ -133,6 +133,7 @@ def test_as_dict_reports_every_field_and_the_age():
         "client": ("192.0.2.2", 5000),
         "via": None,
         "sni": None,
+        "tls": None,
         "destination": ("198.51.100.1", 5432),
         "phase": "forwarding",
         "started": context.started,

@@ -1,0 +1,217 @@
+"""TLS termination, written as a protocol step: contexts from a route's settings, the
+handshake in the connection's greenlet, and the client end the pump forwards through.
+
+TLS runs on an ``ssl.SSLObject`` over two memory BIOs (sans-I/O, like h11): gconn moves the
+raw bytes itself on the plain non-blocking socket, so the pump keeps its own watchers and
+backpressure, and a half-close is a close_notify after which the other direction still flows
+(TLS 1.3 allows it; OpenSSL keeps reading after its own close_notify).  ``TlsEnd`` looks like
+a socket to the pump: ``recv_into`` gives plaintext (BlockingIOError when a record is still
+coming), ``send`` encrypts and keeps at most one chunk of ciphertext the client has not taken
+(``unsent``), ``pending`` says plaintext is decrypted but not yet read.  The certificate
+checks run at config load (``check_files``), so a broken pair is an exit-2 error at start
+and a refused reload (the old workers keep serving) on HUP.
+"""
+
+import _ssl
+import ssl
+import time
+
+from cryptography import x509
+
+from gconn.errors import GconnError
+from gconn.sockets import receive_within, send_within
+
+VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+RAW_CHUNK = 64 * 1024  # ciphertext bytes read from the socket at a time
+FLUSH_TIMEOUT = 5.0  # seconds a close_notify and the ciphertext before it may take to go out
+
+
+class TlsError(GconnError):
+    """The TLS handshake failed (OpenSSL's reason), timed out, or the client left."""
+
+
+def server_context(pairs, client_ca, min_version, ciphers):
+    """The SSLContext of a terminating route: ``pairs`` is ((cert path, key path or ""), ...);
+    with several, the client's server name picks the pair whose certificate names it (the
+    first pair otherwise).  ValueError naming the file and OpenSSL's reason on any problem."""
+    contexts = [_context(cert, key, client_ca, min_version, ciphers) for cert, key in pairs]
+    if len(contexts) > 1:
+        by_name = {}
+        wildcards = []
+        for (cert, _), context in zip(pairs, contexts, strict=True):
+            for name in certificate_names(cert):
+                if name.startswith("*."):
+                    wildcards.append((name[1:], context))
+                else:
+                    by_name.setdefault(name, context)
+
+        def pick(ssl_object, server_name, _context):
+            ssl_object.sni = server_name
+            if server_name:
+                name = server_name.lower()
+                chosen = by_name.get(name) or next(
+                    (context for suffix, context in wildcards if name.endswith(suffix)), None)
+                if chosen is not None:
+                    ssl_object.context = chosen
+    else:
+        def pick(ssl_object, server_name, _context):
+            ssl_object.sni = server_name
+    # set through the C type's own slot: gevent's SSLContext wraps the callback for its
+    # SSLSocket, while TLS here runs on SSLObjects over memory BIOs (no socket to wait on)
+    _ssl._SSLContext.sni_callback.__set__(contexts[0], pick)  # noqa: SLF001
+    return contexts[0]
+
+
+def _context(cert, key, client_ca, min_version, ciphers):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = VERSIONS[min_version]
+    try:
+        context.load_cert_chain(cert, key or None)
+    except FileNotFoundError as error:
+        raise ValueError(f"{error.filename}: no such file") from None
+    except PermissionError as error:
+        raise ValueError(f"{error.filename}: permission denied") from None
+    except ssl.SSLError as error:
+        raise ValueError(f"{cert}{' / ' + key if key else ''}: {error.reason or error} (is "
+                         f"the key the certificate's, both PEM?)") from None
+    if ciphers:
+        try:
+            context.set_ciphers(ciphers)
+        except ssl.SSLError:
+            raise ValueError(f"no cipher matches {ciphers!r}") from None
+    if client_ca:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"{client_ca}: {getattr(error, 'reason', None) or error}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def certificate_names(path):
+    """The DNS names (subjectAltName, else the common name) of the first certificate in the
+    PEM file ``path``, lowercased."""
+    certificate = _first_certificate(path)
+    try:
+        names = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = [attribute.value for attribute
+                 in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    return [name.lower() for name in names]
+
+
+def expiry(path):
+    """When the first certificate of ``path`` stops being valid (an aware datetime)."""
+    return _first_certificate(path).not_valid_after_utc
+
+
+def _first_certificate(path):
+    with open(path, "rb") as stream:
+        return x509.load_pem_x509_certificate(stream.read())
+
+
+# the greenlet side ---------------------------------------------------------------------------
+
+class TlsEnd:
+    """The client's side of a terminated connection, as the pump sees a socket."""
+
+    __slots__ = ("sock", "tls", "incoming", "outgoing", "unsent", "family")
+
+    def __init__(self, sock, tls, incoming, outgoing):
+        self.sock = sock
+        self.tls = tls
+        self.incoming = incoming
+        self.outgoing = outgoing
+        self.unsent = b""  # ciphertext the client has not taken yet
+        self.family = sock.family
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def recv_into(self, buffer):
+        """Plaintext into ``buffer``: its length, 0 at the client's end (close_notify or a
+        bare FIN), BlockingIOError while the next record has not all come."""
+        while True:
+            try:
+                return self.tls.read(len(buffer), buffer)
+            except ssl.SSLWantReadError:
+                data = self.sock.recv(RAW_CHUNK)  # BlockingIOError: wait for the socket
+                if not data:
+                    return 0
+                self.incoming.write(data)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return 0
+
+    def pending(self):
+        """Whether plaintext or ciphertext is buffered here that the socket will not signal."""
+        return self.tls.pending() or self.incoming.pending
+
+    def send(self, data):
+        """Encrypt all of ``data`` and send what the socket takes; the rest waits in
+        ``unsent``.  BlockingIOError while earlier ciphertext is still unsent (then nothing
+        of ``data`` is taken); ``send(b"")`` just flushes."""
+        if self.unsent and not self._flush():
+            raise BlockingIOError
+        if data:
+            self.tls.write(data)
+            self.unsent = self.outgoing.read()
+            self._flush()
+        return len(data)
+
+    def _flush(self):
+        """Send what the socket takes of ``unsent``; True once it is all gone."""
+        try:
+            sent = self.sock.send(self.unsent)
+        except (BlockingIOError, InterruptedError):
+            return False
+        self.unsent = self.unsent[sent:]
+        return not self.unsent
+
+    def shutdown(self, how):
+        """Half-close towards the client: a close_notify after everything before it, then
+        the socket's own shutdown; the client may still send."""
+        try:
+            self.tls.unwrap()
+        except ssl.SSLWantReadError:  # sent ours; theirs may come later, the read side goes on
+            pass
+        self.unsent += self.outgoing.read()
+        if not send_within(self.sock, self.unsent, time.monotonic() + FLUSH_TIMEOUT):
+            raise TimeoutError("the client did not take the close_notify in time")
+        self.unsent = b""
+        self.sock.shutdown(how)
+
+
+def handshake(sock, context, timeout):
+    """Run the server side of a TLS handshake on the non-blocking ``sock`` in this greenlet
+    within ``timeout``: the TlsEnd to forward through.  TlsError (OpenSSL's reason, a
+    timeout, the client leaving) otherwise; the caller owns and closes ``sock``."""
+    deadline = time.monotonic() + timeout
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_side=True)
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if not send_within(sock, outgoing.read(), deadline):
+                    raise TlsError(f"no TLS handshake within {timeout:g}s") from None
+                data = receive_within(sock, RAW_CHUNK, deadline)
+                if data is None:
+                    raise TlsError(f"no TLS handshake within {timeout:g}s") from None
+                if not data:
+                    raise TlsError("client closed during the TLS handshake") from None
+                incoming.write(data)
+            except ssl.SSLError as error:
+                try:  # the alert that tells the client why
+                    send_within(sock, outgoing.read(), time.monotonic())
+                except OSError:
+                    pass
+                raise TlsError(error.reason or str(error)) from None
+        if not send_within(sock, outgoing.read(), deadline):
+            raise TlsError(f"no TLS handshake within {timeout:g}s")
+    except OSError as error:
+        raise TlsError(f"client failed during the TLS handshake: "
+                       f"{error.strerror or error}") from None
+    return TlsEnd(sock, tls, incoming, outgoing)
