@@ -358,7 +358,9 @@ def _check_admin_exposure(process, values):
 
 
 def _check_tls(route, given):
-    """A terminating route's certificates, keys and CA load and match (exit 2 otherwise)."""
+    """A terminating route's certificates, keys and CA load and match, and so do the files a
+    route connecting to TLS destinations names (exit 2 otherwise)."""
+    _check_destination_tls(route, given)
     if not route.tls_cert:
         if route.tls_key:
             raise ConfigError("tls-key without tls-cert", source=given["tls-key"].source,
@@ -377,6 +379,32 @@ def _check_tls(route, given):
         tls.server_context(pairs, route.tls_client_ca, route.tls_min_version, route.tls_ciphers)
     except ValueError as error:
         raise ConfigError(str(error), **where) from None
+
+
+def _check_destination_tls(route, given):
+    section = f"route:{route.name}"
+    tls_destinations = [spec for spec in route.destinations
+                        if (route.destination_tls if spec.tls is None else spec.tls)]
+    if not tls_destinations:
+        return
+    if route.server_names:
+        raise ConfigError("a route picked by server-names forwards the client's TLS untouched: "
+                          "it cannot also connect to its destinations over TLS",
+                          source=given["destination-tls"].source, key="destination-tls",
+                          section=section)
+    if not route.destination_tls_server_name and any(
+            spec.address.family == "unix" for spec in tls_destinations):
+        raise ConfigError("TLS to a unix: destination needs destination-tls-server-name (the "
+                          "name to verify)", source=given["destinations"].source,
+                          key="destination-tls-server-name", section=section)
+    try:
+        tls.client_context(route.destination_tls_ca, route.destination_tls_cert,
+                           route.destination_tls_key)
+    except ValueError as error:
+        key = "destination-tls-cert" if route.destination_tls_cert and str(error).startswith(
+            route.destination_tls_cert) else "destination-tls-ca"
+        raise ConfigError(str(error), source=given[key].source, key=key,
+                          section=section) from None
 
 
 def _check_distinct_binds(routes, values):

@@ -12,15 +12,16 @@ from .strategies import STRATEGIES
 class Destination:
     """One destination of one route, with the counters a strategy and the admin need."""
 
-    __slots__ = ("address", "name", "backup", "send_proxy", "healthy", "failed_until", "active",
-                 "last_error", "connected_total", "failed_total", "check_streak", "bytes_up",
-                 "bytes_down")
+    __slots__ = ("address", "name", "backup", "send_proxy", "tls", "healthy", "failed_until",
+                 "active", "last_error", "connected_total", "failed_total", "check_streak",
+                 "bytes_up", "bytes_down")
 
-    def __init__(self, spec, send_proxy="no"):
+    def __init__(self, spec, send_proxy="no", tls=False):
         self.address = spec.address
         self.name = str(spec.address)  # for logs, metrics and the admin, formatted once
         self.backup = spec.backup
         self.send_proxy = spec.send_proxy or send_proxy  # its own PROXY header, or the route's
+        self.tls = tls if spec.tls is None else spec.tls  # connect over TLS (its, or the route's)
         self.healthy = True  # written by health checks; True until one says otherwise
         self.failed_until = 0.0  # monotonic time before which a failed destination is skipped
         self.active = 0  # forwarded connections to it right now
@@ -87,8 +88,8 @@ class RouteDestinations:
     ``lock.writing()``, so a session never sees a half-applied health transition.
     """
 
-    def __init__(self, specs, strategy, send_proxy="no"):
-        self.destinations = tuple(Destination(spec, send_proxy) for spec in specs)
+    def __init__(self, specs, strategy, send_proxy="no", tls=False):
+        self.destinations = tuple(Destination(spec, send_proxy, tls) for spec in specs)
         self.choose = STRATEGIES[strategy]
         self.turn = 0
         self.lock = RWLock()

@@ -10,11 +10,12 @@ cannot even open a socket (this process out of descriptors) gives no verdict.
 """
 
 import logging
+import socket
 
 import gevent
 
 from .errors import DestinationUnavailable, ResourceExhausted
-from .protocols import mysql, proxy
+from .protocols import mysql, proxy, tls
 from .sockets import connect
 
 LOGGER = logging.getLogger("gconn.health")
@@ -38,6 +39,20 @@ class HealthChecks:
         gevent.killall(self.jobs, block=False)
         self.jobs = []
 
+    def check_tls(self, connection, destination):
+        """Complete a TLS handshake with ``destination`` (verified as the sessions verify it),
+        then say goodbye with a close_notify; DestinationUnavailable when it fails."""
+        config = self.route.config
+        name = config.destination_tls_server_name or destination.address.host
+        try:
+            end = tls.client_handshake(connection, self.route.destination_tls, name,
+                                       config.connect_timeout)
+            end.shutdown(socket.SHUT_WR)
+        except tls.TlsError as error:
+            raise DestinationUnavailable(f"TLS: {error}") from None
+        except OSError:  # the goodbye is a courtesy
+            pass
+
     def watch(self, destination):
         """Check ``destination`` every check-interval for as long as the route serves."""
         config = self.route.config
@@ -50,7 +65,9 @@ class HealthChecks:
                     if destination.send_proxy != "no":  # it expects a header: send one
                         proxy.send_header(connection, proxy.check_header(destination.send_proxy),
                                           config.connect_timeout)
-                    if config.protocol == "mysql":
+                    if destination.tls:  # a TLS destination must complete a handshake
+                        self.check_tls(connection, destination)
+                    elif config.protocol == "mysql":
                         mysql.check(connection, config.check_user, config.connect_timeout)
                 finally:
                     connection.close()

@@ -42,7 +42,7 @@ class Route:
         self.name = config.name
         self.registry = registry
         self.destinations = RouteDestinations(config.destinations, config.strategy,
-                                              config.send_proxy)
+                                              config.send_proxy, config.destination_tls)
         self.health = HealthChecks(self)
         self.admission = Admission(config.max_connections, config.max_queued)
         self.blocker = HostBlocker(config.max_connect_errors, config.blocked_host_time)
@@ -55,6 +55,11 @@ class Route:
                           strict=True)),
                 config.tls_client_ca, config.tls_min_version, config.tls_ciphers)
             self.warn_of_expiry()
+        self.destination_tls = None  # the SSLContext connections to TLS destinations use
+        if any(destination.tls for destination in self.destinations.destinations):
+            self.destination_tls = tls.client_context(
+                config.destination_tls_ca, config.destination_tls_cert,
+                config.destination_tls_key)
         # the acceptor cannot know the client yet (behind a balancer) or its route (by name)
         self.checks_host_later = self.reads_proxy
         # the forwarding pool; a shared bind's first route holds every route's greenlets

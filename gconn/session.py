@@ -37,8 +37,10 @@ from .sockets import client_host, connect, peer_name, send_within
 LOGGER = logging.getLogger("gconn.session")
 
 
-def connect_destination(route, candidates):
-    """Try ``candidates`` in order; return (socket, destination) of the first that connects.
+def connect_destination(route, candidates, prepare):
+    """Try ``candidates`` in order; return (socket, end, destination) of the first that
+    connects and that ``prepare(socket, destination)`` readies (a PROXY header, a TLS
+    handshake), ``end`` being what it returns: where to forward.
 
     The socket is owned by the caller.  Each failure is logged, recorded on the destination
     (quarantined while health checks run) and in this greenlet's error state.  Raises
@@ -51,21 +53,35 @@ def connect_destination(route, candidates):
             connection = connect(destination.address, route.config.connect_timeout,
                                  route.config.source)
         except DestinationUnavailable as error:
-            if route.config.check_interval > 0:  # quarantined until the checks see it rise
-                route.destinations.quarantine(destination, str(error))
-                LOGGER.warning("route=%s destination %s is down (quarantined)", route.name,
-                               destination.address)
-            destination.connect_failed(time.monotonic(), route.config.retry_interval, str(error))
-            failures.append(str(error))
-            local.set_error("connect_failed", "; ".join(failures))
-            LOGGER.warning("destination %s failed: %s", destination.address, error)
+            destination_failed(route, destination, error, failures)
             continue
+        try:
+            end = prepare(connection, destination)
+        except DestinationUnavailable as error:
+            connection.close()
+            destination_failed(route, destination, error, failures)
+            continue
+        except BaseException:
+            connection.close()
+            raise
         if failures:  # a failover that succeeded is not how this connection ends
             local.clear_error()
         destination.connect_succeeded()
         metrics.observe("connect_seconds", route.name, time.monotonic() - begun)
-        return connection, destination
+        return connection, end, destination
     raise DestinationUnavailable(f"route {route.name}: every destination failed")
+
+
+def destination_failed(route, destination, error, failures):
+    """Record one destination's failure: quarantine, retry-interval, the error state."""
+    if route.config.check_interval > 0:  # quarantined until the checks see it rise
+        route.destinations.quarantine(destination, str(error))
+        LOGGER.warning("route=%s destination %s is down (quarantined)", route.name,
+                       destination.address)
+    destination.connect_failed(time.monotonic(), route.config.retry_interval, str(error))
+    failures.append(str(error))
+    local.set_error("connect_failed", "; ".join(failures))
+    LOGGER.warning("destination %s failed: %s", destination.address, error)
 
 
 def client_gone(client):
@@ -173,20 +189,20 @@ class Session:
         if not candidates:
             route.admission.count_shed(NO_DESTINATION)
             raise Shed(NO_DESTINATION, f"route {route.name}: no destination available")
-        self.upstream, self.destination = connect_destination(route, candidates)
+        self.upstream, upstream_end, self.destination = connect_destination(
+            route, candidates, self.prepare_upstream)
         self.context.destination = self.destination.name
-        if self.destination.send_proxy != "no":
-            self.send_proxy_header()
         if self.hello:  # the ClientHello that picked the route, untouched, before the rest
             self.send_first(self.hello)
         self.context.phase = "draining" if route.draining else "forwarding"
         LOGGER.debug("forwarding client=%s destination=%s", self.context.client,
                      self.context.destination)  # conn= comes from this greenlet's context
         config = route.config
-        if self.tls_end is None:
+        if self.tls_end is None and upstream_end is self.upstream:
             self.pump = Pump(self.client, self.upstream, config.buffer_size, config.splice)
-        else:  # plaintext comes out of the TLS session, not the socket: nothing to splice
-            self.pump = Pump(self.tls_end, self.upstream, config.buffer_size, splice=False)
+        else:  # plaintext comes out of a TLS session, not the socket: nothing to splice
+            self.pump = Pump(self.tls_end or self.client, upstream_end, config.buffer_size,
+                             splice=False)
         return self.pump.run(config.idle_timeout)
 
     def read_proxy_header(self):
@@ -240,23 +256,38 @@ class Session:
             self.context.route = route.name
         return route
 
-    def send_proxy_header(self):
+    def prepare_upstream(self, connection, destination):
+        """Ready a fresh destination connection: its PROXY header, then its TLS handshake
+        (within connect-timeout); return the end to forward to.  DestinationUnavailable
+        makes connect_destination try the next destination."""
+        if destination.send_proxy != "no":
+            try:
+                self.send_proxy_header(connection, destination.send_proxy)
+            except DestinationUnavailable as error:
+                raise DestinationUnavailable(f"{destination.name}: {error}") from None
+        if not destination.tls:
+            return connection
+        config = self.route.config
+        address = destination.address
+        name = config.destination_tls_server_name or address.host
+        try:
+            return tls.client_handshake(connection, self.route.destination_tls, name,
+                                        config.connect_timeout)
+        except tls.TlsError as error:
+            raise DestinationUnavailable(f"{destination.name}: TLS: {error}") from None
+
+    def send_proxy_header(self, connection, version):
         """Tell the destination who the client is, before its first byte: the client's
         address (the one a received header named) and the address it connected to.  A
         received header's v2 TLVs are not passed on: they describe the balancer's side."""
         config = self.route.config
-        version = self.destination.send_proxy
         source = self.address if isinstance(self.address, tuple) else None  # unix: UNKNOWN
         addressed = self.addressed
         if source is not None and not isinstance(addressed, tuple):
             addressed = self.client.getsockname()[:2]
         build = proxy.build_v2 if version == "v2" else proxy.build_v1
         header = build(source, addressed if source is not None else None)
-        try:
-            proxy.send_header(self.upstream, header, config.connect_timeout)
-        except DestinationUnavailable as error:
-            local.set_error("connect_failed", f"{self.destination.name}: {error}")
-            raise
+        proxy.send_header(connection, header, config.connect_timeout)
 
     def send_first(self, data):
         """Write ``data`` to the destination before any client byte, within connect-timeout;

@@ -71,6 +71,7 @@ class DestinationSpec:
     address: Address
     backup: bool = False
     send_proxy: str | None = None  # this destination's send-proxy; None: the route's
+    tls: bool | None = None  # this destination's destination-tls; None: the route's
 
     def __str__(self):
         words = [str(self.address)]
@@ -78,6 +79,8 @@ class DestinationSpec:
             words.append("backup")
         if self.send_proxy is not None:
             words.append(f"send-proxy={self.send_proxy}")
+        if self.tls is not None:
+            words.append(f"tls={'yes' if self.tls else 'no'}")
         return " ".join(words)
 
 
@@ -231,7 +234,8 @@ def parse_admin_address(text):
 
 def parse_destinations(text):
     """A comma-separated list of ``host:port`` / ``unix:/path``, each optionally followed by
-    ``backup`` and by ``send-proxy=no|v1|v2`` (this destination's own PROXY header version)."""
+    ``backup``, ``send-proxy=no|v1|v2`` and ``tls=yes|no`` (this destination's own PROXY
+    header version and TLS, overriding the route's send-proxy and destination-tls)."""
     entries = []
     for item in text.split(","):
         words = item.split()
@@ -241,17 +245,19 @@ def parse_destinations(text):
             address = parse_address(words[0])
         except ValueError as error:
             raise ValueError(f"{words[0]!r}: {error}") from None
-        backup, send_proxy = False, None
+        backup, send_proxy, tls = False, None, None
         for word in words[1:]:
             key, _, value = word.partition("=")
             if word.lower() == "backup":
                 backup = True
             elif key == "send-proxy" and value in SEND_PROXY_VERSIONS:
                 send_proxy = value
+            elif key == "tls" and value in ("yes", "no"):
+                tls = value == "yes"
             else:
                 raise ValueError(f"{item.strip()!r}: expected host:port, then optionally "
-                                 f"'backup' and 'send-proxy=no|v1|v2'")
-        entries.append(DestinationSpec(address, backup, send_proxy))
+                                 f"'backup', 'send-proxy=no|v1|v2' and 'tls=yes|no'")
+        entries.append(DestinationSpec(address, backup, send_proxy, tls))
     if not entries:
         raise ValueError("expected at least one destination host:port")
     return tuple(entries)
@@ -266,7 +272,7 @@ parse_source.allowed = "an IP address, or empty"
 parse_paths.allowed = "file paths, comma-separated"
 parse_server_names.allowed = "host names or *.suffix wildcards, comma-separated"
 parse_bind.allowed = "host:port | [ipv6]:port | unix:/path"
-parse_destinations.allowed = "host:port [backup] [send-proxy=no|v1|v2], ..."
+parse_destinations.allowed = "host:port [backup] [send-proxy=no|v1|v2] [tls=yes|no], ..."
 parse_admin_address.allowed = "host:port | [ipv6]:port | unix:/path | empty"
 
 
@@ -330,8 +336,9 @@ SETTINGS = (
             "where the route listens: host:port, [ipv6]:port or unix:/path"),
     Setting("destinations", ROUTE_ONLY, parse_destinations, None,
             "where the route forwards, in order: host:port or unix:/path, comma-separated; "
-            "append 'backup' to a fallback destination, 'send-proxy=no|v1|v2' to override "
-            "the route's send-proxy for one destination", flag="--destination", repeatable=True),
+            "append 'backup' to a fallback destination, 'send-proxy=no|v1|v2' or "
+            "'tls=yes|no' to override the route's send-proxy or destination-tls for one",
+            flag="--destination", repeatable=True),
     Setting("strategy", ROUTE, one_of(STRATEGIES), "first-available",
             "how a destination is picked for each new connection"),
     Setting("max-connections", ROUTE, integer_between(1, 10_000_000), "10000",
@@ -363,6 +370,20 @@ SETTINGS = (
             "with tls-cert: the oldest TLS version accepted"),
     Setting("tls-ciphers", ROUTE, parse_text, "",
             "with tls-cert: TLS 1.2 cipher suites in OpenSSL's syntax; empty: OpenSSL's default"),
+    Setting("destination-tls", ROUTE, parse_boolean, "no",
+            "connect to the destinations over TLS (health checks complete a handshake too), "
+            "verifying them against destination-tls-ca and destination-tls-server-name"),
+    Setting("destination-tls-ca", ROUTE, parse_text, "",
+            "with destination-tls: the CA certificates (PEM) destinations are verified "
+            "against; empty: the system's store"),
+    Setting("destination-tls-server-name", ROUTE, parse_text, "",
+            "with destination-tls: the name sent as SNI and verified in the destination's "
+            "certificate; empty: the destination's host (name or IP address)"),
+    Setting("destination-tls-cert", ROUTE, parse_text, "",
+            "with destination-tls: a client certificate (PEM, with its key unless "
+            "destination-tls-key names it) presented to destinations"),
+    Setting("destination-tls-key", ROUTE, parse_text, "",
+            "the key of destination-tls-cert"),
     Setting("accept-proxy", ROUTE, one_of(PROXY_VERSIONS), "no",
             "read a PROXY protocol header (HAProxy's v1 text, v2 binary, or any) before "
             "anything else; its client address becomes the connection's client"),

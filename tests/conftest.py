@@ -9,12 +9,14 @@ import os
 import signal
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
+import trustme
 
 LINE_TIMEOUT = 20.0  # seconds to wait for a process to print an expected line
 CHUNK = 64 * 1024
@@ -306,3 +308,65 @@ def blackhole():
     for probe in fillers:
         probe.close()
     listener.close()
+
+
+# TLS peers ------------------------------------------------------------------------------------
+
+class TlsEcho:
+    """A TLS server on 127.0.0.1 for ``names``: after the handshake it sends its tag line,
+    then echoes every byte until the client half-closes."""
+
+    def __init__(self, ca, tag, *names, client_ca=None):
+        self.tag = tag
+        self.handshakes = 0  # completed, for the health-check test
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(*names).configure_cert(self.context)
+        if client_ca is not None:  # require a client certificate from this CA
+            client_ca.configure_trust(self.context)
+            self.context.verify_mode = ssl.CERT_REQUIRED
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.echo, args=(client,), daemon=True).start()
+
+    def echo(self, client):
+        try:
+            with self.context.wrap_socket(client, server_side=True) as tls:
+                self.handshakes += 1
+                tls.sendall(self.tag.encode() + b"\n")
+                while data := tls.recv(65536):
+                    tls.sendall(data)
+        except (OSError, ssl.SSLError):
+            pass
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.fixture
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_echo(ca):
+    """tls_echo(tag, *names) -> a running TlsEcho, closed after the test."""
+    started = []
+
+    def start(tag, *names, client_ca=None):
+        server = TlsEcho(ca, tag, *names, client_ca=client_ca)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()

@@ -44,6 +44,8 @@ BAD_CONFIGS = [
     ("bad destination send-proxy",
      "[route:a]\nbind = 127.0.0.1:0\ndestinations = h:1 send-proxy=v3\n", 3, "destinations"),
     ("unknown protocol", ROUTE + "protocol = oracle\n", 4, "protocol"),
+    ("destination-tls-ca missing", ROUTE + "destination-tls = yes\n"
+     "destination-tls-ca = /nonexistent/ca.pem\n", 5, "destination-tls-ca"),
     ("source not an IP address", ROUTE + "source = eth0\n", 4, "source"),
     ("zero connect-timeout", ROUTE + "connect-timeout = 0\n", 4, "connect-timeout"),
     ("zero buffer-size", ROUTE + "buffer-size = 0\n", 4, "buffer-size"),

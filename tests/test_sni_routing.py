@@ -11,68 +11,12 @@ import threading
 import time
 
 import pytest
-import trustme
 from conftest import connect, free_port
 from test_config import run_gconn
 from test_proxy_accept import stop, wait_for_port
 from test_sni import captured_hello, python_client
 
 from gconn.log import parse_fields as fields
-
-
-class TlsEcho:
-    """A TLS server on 127.0.0.1 for ``names``: after the handshake it sends its tag line,
-    then echoes every byte until the client half-closes."""
-
-    def __init__(self, ca, tag, *names):
-        self.tag = tag
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert(*names).configure_cert(self.context)
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.echo, args=(client,), daemon=True).start()
-
-    def echo(self, client):
-        try:
-            with self.context.wrap_socket(client, server_side=True) as tls:
-                tls.sendall(self.tag.encode() + b"\n")
-                while data := tls.recv(65536):
-                    tls.sendall(data)
-        except (OSError, ssl.SSLError):
-            pass
-
-    def close(self):
-        self.listener.close()
-
-
-@pytest.fixture
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_echo(ca):
-    """tls_echo(tag, *names) -> a running TlsEcho, closed after the test."""
-    started = []
-
-    def start(tag, *names):
-        server = TlsEcho(ca, tag, *names)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.close()
 
 
 def tls_client(ca, port, server_name, verify=True):

@@ -9,9 +9,9 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 
 import pytest
-import trustme
 from test_config import run_gconn
 
 from gconn.log import parse_fields as fields
@@ -71,11 +71,6 @@ def refused(context, port, name):
             return tls.recv(10) == b""
     except (ssl.SSLError, ConnectionError):
         return True
-
-
-@pytest.fixture
-def ca():
-    return trustme.CA()
 
 
 def test_terminated_tls_carries_a_megabyte_and_logs_version_cipher_and_name(
@@ -247,3 +242,90 @@ def test_a_destination_that_closes_first_sends_close_notify(start_daemon, ca, tm
     listener.close()
     line = fields(daemon.wait_line(lambda text: " end=" in text))
     assert line["end"] == "destination_closed" and line["bytes_down"] == "4"
+
+
+# originating TLS: gconn connects to its destinations over TLS ----------------------------------
+
+def plain_roundtrip(port, size=1 << 20):
+    """A plain client through gconn to a TLS echo: (the tag line, whether ``size`` random
+    bytes came back byte for byte)."""
+    data = os.urandom(size)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        reader = client.makefile("rb")
+        tag = reader.readline().decode().strip()
+        received = bytearray()
+        for offset in range(0, size, 64 * 1024):
+            client.sendall(data[offset:offset + 64 * 1024])
+            while len(received) < min(size, offset + 64 * 1024):
+                part = reader.read1(65536)
+                assert part, "closed early"
+                received += part
+        reader.close()
+    return tag, hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+
+
+def test_destination_tls_verifies_the_destination_and_carries_a_megabyte(
+        start_daemon, tls_echo, ca, tmp_path):
+    """destination-tls: a plain client reaches a TLS echo verified against the CA as
+    db.internal; a destination whose certificate does not match fails over to the next one,
+    with the OpenSSL reason in the access line."""
+    wrong = tls_echo("wrong", "other.internal")
+    right = tls_echo("right", "db.internal")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    daemon = start_daemon(config=(
+        f"[gconn]\nworkers = 1\n[route:up]\nbind = 127.0.0.1:0\n"
+        f"destinations = {wrong.address}, {right.address}\ndestination-tls = yes\n"
+        f"destination-tls-ca = {tmp_path / 'ca.pem'}\n"
+        f"destination-tls-server-name = db.internal\n"), tmp=str(tmp_path))
+    since = daemon.mark()
+    assert plain_roundtrip(daemon.port("up")) == ("right", True)
+    line = daemon.wait_contains(f"destination {wrong.address} failed", since=since)
+    assert "CERTIFICATE_VERIFY_FAILED" in line and "Hostname mismatch" in line
+
+
+def test_destination_tls_presents_a_client_certificate(start_daemon, tls_echo, ca, tmp_path):
+    """A destination requiring client certificates serves gconn with destination-tls-cert and
+    refuses it without one (then the client is closed: connect_failed)."""
+    server = tls_echo("mtls", "db.internal", client_ca=ca)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client_cert, client_key = write_pair(ca, tmp_path, "gconn-client", "gconn.internal")
+    base = (f"[gconn]\nworkers = 1\n[route:up]\nbind = 127.0.0.1:0\n"
+            f"destinations = {server.address} tls=yes\n"
+            f"destination-tls-ca = {tmp_path / 'ca.pem'}\n"
+            f"destination-tls-server-name = db.internal\n")
+    daemon = start_daemon(config=base + f"destination-tls-cert = {client_cert}\n"
+                                        f"destination-tls-key = {client_key}\n",
+                          tmp=str(tmp_path))
+    assert plain_roundtrip(daemon.port("up"), size=1000) == ("mtls", True)
+    bare = start_daemon(config=base, tmp=str(tmp_path))
+    since = bare.mark()
+    with socket.create_connection(("127.0.0.1", bare.port("up")), timeout=20) as client:
+        client.settimeout(20)
+        try:
+            assert client.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    # TLS 1.3: the server checks the client's certificate after gconn's side of the handshake
+    # is done, so its refusal arrives as an alert instead of the first bytes
+    line = fields(bare.wait_line(lambda text: " end=" in text, since=since))
+    assert line["end"] == "destination_closed" and "CERTIFICATE_REQUIRED" in line["error"]
+
+
+def test_health_checks_complete_a_tls_handshake(start_daemon, tls_echo, ca, tmp_path):
+    """With destination-tls, each check completes a handshake (the server counts them); a
+    destination that cannot be verified is taken down by the checks."""
+    good = tls_echo("good", "db.internal")
+    bad = tls_echo("bad", "other.internal")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    daemon = start_daemon(config=(
+        f"[gconn]\nworkers = 1\n[route:up]\nbind = 127.0.0.1:0\n"
+        f"destinations = {good.address}, {bad.address}\ndestination-tls = yes\n"
+        f"destination-tls-ca = {tmp_path / 'ca.pem'}\n"
+        f"destination-tls-server-name = db.internal\ncheck-interval = 50ms\nfall = 2\n"),
+        tmp=str(tmp_path))
+    daemon.wait_contains(f"destination {bad.address} is down")
+    deadline = time.monotonic() + 20
+    while good.handshakes < 3:  # the good one keeps being checked, each a full handshake
+        assert time.monotonic() < deadline, good.handshakes
+        time.sleep(0.02)  # a counter in the server's threads: nothing to wait on
+    assert not any(f"destination {good.address} is down" in line for line in daemon.lines)

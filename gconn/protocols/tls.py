@@ -62,9 +62,21 @@ def server_context(pairs, client_ca, min_version, ciphers):
     return contexts[0]
 
 
-def _context(cert, key, client_ca, min_version, ciphers):
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = VERSIONS[min_version]
+def client_context(ca, cert, key):
+    """The SSLContext for connecting to TLS destinations: verify them against ``ca`` (the
+    system store when empty) and their name; present ``cert``/``key`` when given.
+    ValueError naming the file and OpenSSL's reason on any problem."""
+    try:
+        context = ssl.create_default_context(cafile=ca or None)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"{ca}: {getattr(error, 'reason', None) or error.strerror or error}"
+                         ) from None
+    if cert:
+        _load_pair(context, cert, key)
+    return context
+
+
+def _load_pair(context, cert, key):
     try:
         context.load_cert_chain(cert, key or None)
     except FileNotFoundError as error:
@@ -74,6 +86,12 @@ def _context(cert, key, client_ca, min_version, ciphers):
     except ssl.SSLError as error:
         raise ValueError(f"{cert}{' / ' + key if key else ''}: {error.reason or error} (is "
                          f"the key the certificate's, both PEM?)") from None
+
+
+def _context(cert, key, client_ca, min_version, ciphers):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = VERSIONS[min_version]
+    _load_pair(context, cert, key)
     if ciphers:
         try:
             context.set_ciphers(ciphers)
@@ -186,9 +204,22 @@ def handshake(sock, context, timeout):
     """Run the server side of a TLS handshake on the non-blocking ``sock`` in this greenlet
     within ``timeout``: the TlsEnd to forward through.  TlsError (OpenSSL's reason, a
     timeout, the client leaving) otherwise; the caller owns and closes ``sock``."""
-    deadline = time.monotonic() + timeout
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_side=True)
+    return _handshake(sock, tls, incoming, outgoing, timeout, "client")
+
+
+def client_handshake(sock, context, server_name, timeout):
+    """The client side of a TLS handshake with a destination on the freshly connected
+    ``sock``, verifying it as ``server_name``: the TlsEnd to forward through, or TlsError
+    (OpenSSL's reason, such as CERTIFICATE_VERIFY_FAILED, or a timeout)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    return _handshake(sock, tls, incoming, outgoing, timeout, "destination")
+
+
+def _handshake(sock, tls, incoming, outgoing, timeout, peer):
+    deadline = time.monotonic() + timeout
     try:
         while True:
             try:
@@ -201,17 +232,19 @@ def handshake(sock, context, timeout):
                 if data is None:
                     raise TlsError(f"no TLS handshake within {timeout:g}s") from None
                 if not data:
-                    raise TlsError("client closed during the TLS handshake") from None
+                    raise TlsError(f"{peer} closed during the TLS handshake") from None
                 incoming.write(data)
             except ssl.SSLError as error:
                 try:  # the alert that tells the client why
                     send_within(sock, outgoing.read(), time.monotonic())
                 except OSError:
                     pass
-                raise TlsError(error.reason or str(error)) from None
+                reason = error.reason or str(error)
+                detail = getattr(error, "verify_message", None)
+                raise TlsError(f"{reason} ({detail})" if detail else reason) from None
         if not send_within(sock, outgoing.read(), deadline):
             raise TlsError(f"no TLS handshake within {timeout:g}s")
     except OSError as error:
-        raise TlsError(f"client failed during the TLS handshake: "
+        raise TlsError(f"{peer} failed during the TLS handshake: "
                        f"{error.strerror or error}") from None
     return TlsEnd(sock, tls, incoming, outgoing)
