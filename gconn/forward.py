@@ -104,7 +104,7 @@ class _Flow:
     """One direction: reads ``source``, writes ``target``, keeps at most one unsent chunk."""
 
     __slots__ = ("pump", "source", "target", "reader", "writer", "pending", "count", "ended",
-                 "from_client", "bulk", "pipe", "in_pipe", "tls_source", "tls_target")
+                 "from_client", "bulk", "pipe", "in_pipe", "tls_source", "tls_target", "later")
 
     def __init__(self, pump, source, target, from_client):
         self.pump = pump
@@ -123,6 +123,7 @@ class _Flow:
         # plaintext to read on, ciphertext still to send
         self.tls_source = hasattr(source, "unsent")
         self.tls_target = hasattr(target, "unsent")
+        self.later = None  # a loop callback that reads on what a TLS source has buffered
 
     def on_readable(self):
         """Read one chunk and send it on; keep what the target would not take."""
@@ -155,6 +156,20 @@ class _Flow:
         elif received == len(buffer) and self.pump.splice:  # a bulk stream: splice from now
             self.bulk = True
         elif self.tls_source and self.source.pending():  # more already decrypted or queued
+            self.read_later()
+
+    def read_later(self):
+        """A TLS source holds bytes its socket will not signal: read them on the next turn of
+        the loop (a callback that only switches back here), after other connections had
+        theirs, rather than in a loop or a recursion that a fast sender could make endless."""
+        if self.later is None:
+            self.later = self.pump.loop.run_callback(self.pump.switch, self.read_buffered)
+
+    def read_buffered(self):
+        """The step ``read_later`` scheduled: read on, unless this flow is waiting for its
+        target or has ended meanwhile."""
+        self.later = None
+        if self.pending is None and not self.ended and self.reader.active:
             self.on_readable()
 
     def wait_writable(self):
@@ -240,7 +255,7 @@ class _Flow:
         else:
             self.reader.start(self.pump.switch, self.on_readable)
             if self.tls_source and self.source.pending():  # its socket will not signal these
-                self.on_readable()
+                self.read_later()
 
     def source_ended(self):
         """The source sent end-of-stream: stop reading it and pass the end on."""
@@ -252,9 +267,9 @@ class _Flow:
         """The source ended and all its bytes were delivered: pass the end on (half-close)."""
         if self.pending is not None:
             return  # on_writable calls again once the remainder is delivered
-        if self.pump.finished:  # the other way is over too: the session's close sends the FIN
-            self.pump.flow_finished(self)
-            return
+        if self.pump.finished and not self.tls_target:  # the other way is over too: the
+            self.pump.flow_finished(self)  # session's close sends the FIN (a TLS peer still
+            return  # gets its close_notify first, or it would see a truncation)
         try:
             self.target.shutdown(socket.SHUT_WR)
         except OSError as error:
@@ -265,6 +280,9 @@ class _Flow:
 
     def stop(self):
         """Stop this direction's watchers for good (before the sockets close); idempotent."""
+        if self.later is not None:
+            self.later.stop()
+            self.later = None
         self.reader.close()
         if self.writer is not None:
             self.writer.close()

@@ -329,3 +329,35 @@ def test_health_checks_complete_a_tls_handshake(start_daemon, tls_echo, ca, tmp_
         assert time.monotonic() < deadline, good.handshakes
         time.sleep(0.02)  # a counter in the server's threads: nothing to wait on
     assert not any(f"destination {good.address} is down" in line for line in daemon.lines)
+
+
+def test_a_client_that_ends_first_gets_a_close_notify_back(start_daemon, ca, tmp_path):
+    """The client sends, then its close_notify (unwrap); the destination reads to the end and
+    closes; gconn ends the client's side with a close_notify too, so unwrap completes cleanly
+    (a bare FIN would be a truncation) and every byte reached the destination."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    got = []
+
+    def drain():
+        connection, _ = listener.accept()
+        with connection:
+            got.append(b"".join(iter(lambda: connection.recv(65536), b"")))
+
+    server = threading.Thread(target=drain, daemon=True)
+    server.start()
+    cert, key = write_pair(ca, tmp_path, "a", "a.example")
+    daemon = start_daemon(config=(
+        f"[gconn]\nworkers = 1\n[route:tls]\nbind = 127.0.0.1:0\n"
+        f"destinations = 127.0.0.1:{listener.getsockname()[1]}\ntls-cert = {cert}\n"
+        f"tls-key = {key}\n"), tmp=str(tmp_path))
+    data = os.urandom(1 << 20)
+    with client_context(ca).wrap_socket(
+            socket.create_connection(("127.0.0.1", daemon.port("tls")), timeout=20),
+            server_hostname="a.example") as tls:
+        tls.sendall(data)
+        tls.unwrap()  # raises SSLEOFError if gconn closed without a close_notify
+    server.join(10)
+    listener.close()
+    assert hashlib.sha256(got[0]).digest() == hashlib.sha256(data).digest()

@@ -134,7 +134,7 @@ def _first_certificate(path):
 class TlsEnd:
     """The client's side of a terminated connection, as the pump sees a socket."""
 
-    __slots__ = ("sock", "tls", "incoming", "outgoing", "unsent", "family")
+    __slots__ = ("sock", "tls", "incoming", "outgoing", "unsent", "family", "ended")
 
     def __init__(self, sock, tls, incoming, outgoing):
         self.sock = sock
@@ -143,27 +143,46 @@ class TlsEnd:
         self.outgoing = outgoing
         self.unsent = b""  # ciphertext the client has not taken yet
         self.family = sock.family
+        self.ended = False  # the peer's end came (close_notify or FIN): reads give 0 from now
 
     def fileno(self):
         return self.sock.fileno()
 
     def recv_into(self, buffer):
-        """Plaintext into ``buffer``: its length, 0 at the client's end (close_notify or a
-        bare FIN), BlockingIOError while the next record has not all come."""
-        while True:
+        """Plaintext into ``buffer``, as much as is decrypted or decryptable from what has
+        come (several records): its length, 0 at the peer's end (close_notify or a bare FIN),
+        BlockingIOError while not even one record has all come."""
+        if self.ended:
+            return 0
+        view = memoryview(buffer)
+        total = 0
+        while total < len(view):
             try:
-                return self.tls.read(len(buffer), buffer)
+                got = self.tls.read(len(view) - total, view[total:])
             except ssl.SSLWantReadError:
+                if total:
+                    break
                 data = self.sock.recv(RAW_CHUNK)  # BlockingIOError: wait for the socket
                 if not data:
+                    self.ended = True
                     return 0
                 self.incoming.write(data)
+                continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return 0
+                # the end: this call returns what came before it, the next one 0 (pending()
+                # says so, since the socket will not signal it again)
+                self.ended = True
+                break
+            if not got:  # CPython reads a received close_notify as 0 bytes, not an error
+                self.ended = True
+                break
+            total += got
+        return total
 
     def pending(self):
-        """Whether plaintext or ciphertext is buffered here that the socket will not signal."""
-        return self.tls.pending() or self.incoming.pending
+        """Whether plaintext, ciphertext or the peer's end is buffered here, which the socket
+        will not signal."""
+        return self.ended or self.tls.pending() or self.incoming.pending
 
     def send(self, data):
         """Encrypt all of ``data`` and send what the socket takes; the rest waits in

@@ -1,0 +1,176 @@
+"""tools/bench_tls.py: gconn terminating TLS beside HAProxy terminating it the same way
+(``bind ... ssl crt``), one worker / one thread each, pinned to one core, side by side in one
+run, as ratios.
+
+    python tools/bench_tls.py [--runs 3] [--seconds 10] [--megabytes 512]
+
+Figures, each the median of ``--runs`` alternating runs:
+- new TLS handshakes per proxy-CPU-second: ``openssl s_time -new`` (full handshakes, TLS 1.3,
+  ECDHE X25519, the same ECDSA P-256 certificate) through the proxy to gconn-echo, counted by
+  s_time, divided by the CPU seconds the proxy used meanwhile;
+- one-stream Gbit/s: one Python TLS client sends ``--megabytes`` through the proxy to a
+  plain discarding sink.
+"""
+
+import argparse
+import os
+import re
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import trustme
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import LOAD_CPU, PROXY_CPU, cpu_seconds, free_port, pinned, wait_port  # noqa: E402
+
+CHUNK = 1024 * 1024  # bytes per sendall of the throughput client
+
+
+class Sink:
+    """A plain server on 127.0.0.1 that reads and drops everything, and says when ``goal``
+    bytes have come (what a one-stream run waits for: delivered, not just sent)."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.received = 0
+        self.goal = None
+        self.done = threading.Event()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def expect(self, goal):
+        self.received, self.goal = 0, goal
+        self.done.clear()
+
+    def drain(self, connection):
+        with connection:
+            while data := connection.recv(1 << 20):
+                self.received += len(data)
+                if self.goal is not None and self.received >= self.goal:
+                    self.done.set()
+
+    def serve(self):
+        while True:
+            connection, _ = self.listener.accept()
+            threading.Thread(target=self.drain, args=(connection,), daemon=True).start()
+
+def start_proxy(peer, scratch, cert, key, pem, target):
+    """gconn or HAProxy terminating TLS on a free port towards 127.0.0.1:target."""
+    port = free_port()
+    if peer == "gconn":
+        command = [sys.executable, "-m", "gconn", "--workers", "1", "--admin", "",
+                   "--access-log", "off", "--idle-timeout", "0", "--max-connect-errors", "0",
+                   "--bind", f"127.0.0.1:{port}", "--destination", f"127.0.0.1:{target}",
+                   "--tls-cert", cert, "--tls-key", key]
+    else:
+        path = os.path.join(scratch, f"haproxy-{port}.cfg")
+        with open(path, "w") as stream:
+            stream.write(f"global\n  maxconn 9900\n  nbthread 1\n"
+                         f"defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n"
+                         f"  timeout server 1h\nlisten bench\n"
+                         f"  bind 127.0.0.1:{port} ssl crt {pem}\n"
+                         f"  server backend 127.0.0.1:{target}\n")
+        command = ["haproxy", "-db", "-f", path]
+    process = subprocess.Popen(pinned(PROXY_CPU, command), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    wait_port(port, process)
+    return process, port
+
+
+def handshakes_per_cpu_second(process, port, seconds, ca_file):
+    """Full handshakes by openssl s_time per CPU second of the proxy."""
+    before = cpu_seconds(process)
+    output = subprocess.run(pinned(LOAD_CPU, [
+        "openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(seconds),
+        "-CAfile", ca_file]), capture_output=True, text=True, timeout=seconds + 60).stdout
+    used = cpu_seconds(process) - before
+    count = int(re.search(r"(\d+) connections in [\d.]+s", output).group(1))
+    return count / used
+
+
+def stream_gbits(port, megabytes, context, sink):
+    """One TLS client sending ``megabytes`` through the proxy, until the sink has them all:
+    Gbit/s."""
+    data = os.urandom(CHUNK)
+    sink.expect(megabytes * CHUNK)
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=60),
+                             server_hostname="bench.example") as tls:
+        began = time.perf_counter()
+        for _ in range(megabytes):
+            tls.sendall(data)
+        if not sink.done.wait(60):
+            raise RuntimeError(f"the sink got {sink.received} of {megabytes * CHUNK} bytes")
+        elapsed = time.perf_counter() - began
+    return megabytes * CHUNK * 8 / elapsed / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(prog="bench_tls.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--megabytes", type=int, default=512)
+    options = parser.parse_args()
+    ca = trustme.CA()
+    issued = ca.issue_cert("bench.example")
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    echo = subprocess.Popen([sys.executable, "-m", "gconn.echo", "--bind", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    echo_port = int(echo.stdout.readline().rsplit(":", 1)[1])
+    discard = Sink()
+    results = {peer: {"handshakes": [], "gbits": []} for peer in ("gconn", "haproxy")}
+    with tempfile.TemporaryDirectory() as scratch:
+        cert, key, pem, ca_file = (os.path.join(scratch, name) for name in
+                                   ("cert.pem", "key.pem", "both.pem", "ca.pem"))
+        issued.cert_chain_pems[0].write_to_path(cert)
+        issued.private_key_pem.write_to_path(key)
+        issued.private_key_and_cert_chain_pem.write_to_path(pem)
+        ca.cert_pem.write_to_path(ca_file)
+        try:
+            for run in range(options.runs):
+                order = ("gconn", "haproxy") if run % 2 == 0 else ("haproxy", "gconn")
+                for peer in order:
+                    process, port = start_proxy(peer, scratch, cert, key, pem, echo_port)
+                    try:
+                        results[peer]["handshakes"].append(handshakes_per_cpu_second(
+                            process, port, options.seconds, ca_file))
+                    finally:
+                        process.kill()
+                        process.wait()
+                    process, port = start_proxy(peer, scratch, cert, key, pem, discard.port)
+                    try:
+                        results[peer]["gbits"].append(stream_gbits(port, options.megabytes,
+                                                                   context, discard))
+                    finally:
+                        process.kill()
+                        process.wait()
+                    print(f"run {run + 1}/{options.runs} {peer}: "
+                          f"{results[peer]['handshakes'][-1]:.0f} handshakes per CPU-s, "
+                          f"{results[peer]['gbits'][-1]:.2f} Gbit/s", file=sys.stderr)
+        finally:
+            echo.kill()
+            echo.wait()
+    medians = {peer: {key: statistics.median(values) for key, values in figures.items()}
+               for peer, figures in results.items()}
+    print("| proxy | new TLS handshakes per proxy-CPU-s | TLS one-stream Gbit/s |")
+    print("|---|---|---|")
+    for peer, figures in medians.items():
+        print(f"| {peer} | {figures['handshakes']:.0f} | {figures['gbits']:.2f} |")
+    print(f"| gconn / HAProxy | "
+          f"{medians['gconn']['handshakes'] / medians['haproxy']['handshakes']:.2f}x | "
+          f"{medians['gconn']['gbits'] / medians['haproxy']['gbits']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
