@@ -10,6 +10,11 @@ Figures, each the median of ``--runs`` alternating runs:
   s_time, divided by the CPU seconds the proxy used meanwhile;
 - one-stream Gbit/s: one Python TLS client sends ``--megabytes`` through the proxy to a
   plain discarding sink.
+With ``--passthrough``, the same two figures for gconn forwarding TLS untouched (handshakes
+by a Python client, which sends the server name), once as a
+plain TCP route (``gconn-tcp``) and once picked by server name (``gconn-sni``: it reads the
+ClientHello first), towards an HAProxy that terminates TLS on the other core: the ratio
+sni/tcp is what routing by name costs (the issue's bar: within 10 %).
 """
 
 import argparse
@@ -62,14 +67,16 @@ class Sink:
             connection, _ = self.listener.accept()
             threading.Thread(target=self.drain, args=(connection,), daemon=True).start()
 
-def start_proxy(peer, scratch, cert, key, pem, target):
-    """gconn or HAProxy terminating TLS on a free port towards 127.0.0.1:target."""
+def start_proxy(peer, scratch, cert, key, pem, target, cpu=PROXY_CPU):
+    """gconn or HAProxy terminating TLS on a free port towards 127.0.0.1:target, or gconn
+    passing it through (``gconn-tcp``, ``gconn-sni``)."""
     port = free_port()
-    if peer == "gconn":
+    if peer.startswith("gconn"):
         command = [sys.executable, "-m", "gconn", "--workers", "1", "--admin", "",
                    "--access-log", "off", "--idle-timeout", "0", "--max-connect-errors", "0",
-                   "--bind", f"127.0.0.1:{port}", "--destination", f"127.0.0.1:{target}",
-                   "--tls-cert", cert, "--tls-key", key]
+                   "--bind", f"127.0.0.1:{port}", "--destination", f"127.0.0.1:{target}"]
+        command += {"gconn": ["--tls-cert", cert, "--tls-key", key],
+                    "gconn-sni": ["--server-names", "bench.example"]}.get(peer, [])
     else:
         path = os.path.join(scratch, f"haproxy-{port}.cfg")
         with open(path, "w") as stream:
@@ -79,7 +86,7 @@ def start_proxy(peer, scratch, cert, key, pem, target):
                          f"  bind 127.0.0.1:{port} ssl crt {pem}\n"
                          f"  server backend 127.0.0.1:{target}\n")
         command = ["haproxy", "-db", "-f", path]
-    process = subprocess.Popen(pinned(PROXY_CPU, command), stdin=subprocess.DEVNULL,
+    process = subprocess.Popen(pinned(cpu, command), stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     wait_port(port, process)
@@ -95,6 +102,19 @@ def handshakes_per_cpu_second(process, port, seconds, ca_file):
     used = cpu_seconds(process) - before
     count = int(re.search(r"(\d+) connections in [\d.]+s", output).group(1))
     return count / used
+
+
+def named_handshakes_per_cpu_second(process, port, seconds, context):
+    """Full handshakes by a Python client that sends the server name (openssl s_time sends
+    none, and a route picked by name needs one) per CPU second of the proxy."""
+    before = cpu_seconds(process)
+    count = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20),
+                                 server_hostname="bench.example"):
+            count += 1
+    return count / (cpu_seconds(process) - before)
 
 
 def stream_gbits(port, megabytes, context, sink):
@@ -119,7 +139,10 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--megabytes", type=int, default=512)
+    parser.add_argument("--passthrough", action="store_true",
+                        help="also gconn passing TLS through, by TCP route and by server name")
     options = parser.parse_args()
+    peers = ["gconn", "haproxy"] + (["gconn-tcp", "gconn-sni"] if options.passthrough else [])
     ca = trustme.CA()
     issued = ca.issue_cert("bench.example")
     context = ssl.create_default_context()
@@ -129,7 +152,8 @@ def main():
                             start_new_session=True)
     echo_port = int(echo.stdout.readline().rsplit(":", 1)[1])
     discard = Sink()
-    results = {peer: {"handshakes": [], "gbits": []} for peer in ("gconn", "haproxy")}
+    results = {peer: {"handshakes": [], "gbits": []} for peer in peers}
+    terminators = []
     with tempfile.TemporaryDirectory() as scratch:
         cert, key, pem, ca_file = (os.path.join(scratch, name) for name in
                                    ("cert.pem", "key.pem", "both.pem", "ca.pem"))
@@ -138,17 +162,30 @@ def main():
         issued.private_key_and_cert_chain_pem.write_to_path(pem)
         ca.cert_pem.write_to_path(ca_file)
         try:
+            targets = {"echo": echo_port, "sink": discard.port}
+            if options.passthrough:  # HAProxy terminates behind the passing-through gconn
+                for name, port in list(targets.items()):
+                    process, terminator = start_proxy("haproxy", scratch, cert, key, pem, port,
+                                                      cpu=LOAD_CPU)
+                    terminators.append(process)
+                    targets[f"tls-{name}"] = terminator
             for run in range(options.runs):
-                order = ("gconn", "haproxy") if run % 2 == 0 else ("haproxy", "gconn")
+                order = peers[run % len(peers):] + peers[:run % len(peers)]
                 for peer in order:
-                    process, port = start_proxy(peer, scratch, cert, key, pem, echo_port)
+                    through = "tls-" if peer in ("gconn-tcp", "gconn-sni") else ""
+                    process, port = start_proxy(peer, scratch, cert, key, pem,
+                                                targets[through + "echo"])
                     try:
-                        results[peer]["handshakes"].append(handshakes_per_cpu_second(
-                            process, port, options.seconds, ca_file))
+                        results[peer]["handshakes"].append(
+                            named_handshakes_per_cpu_second(process, port, options.seconds,
+                                                            context) if through
+                            else handshakes_per_cpu_second(process, port, options.seconds,
+                                                           ca_file))
                     finally:
                         process.kill()
                         process.wait()
-                    process, port = start_proxy(peer, scratch, cert, key, pem, discard.port)
+                    process, port = start_proxy(peer, scratch, cert, key, pem,
+                                                targets[through + "sink"])
                     try:
                         results[peer]["gbits"].append(stream_gbits(port, options.megabytes,
                                                                    context, discard))
@@ -159,17 +196,21 @@ def main():
                           f"{results[peer]['handshakes'][-1]:.0f} handshakes per CPU-s, "
                           f"{results[peer]['gbits'][-1]:.2f} Gbit/s", file=sys.stderr)
         finally:
-            echo.kill()
-            echo.wait()
+            for process in [echo, *terminators]:
+                process.kill()
+                process.wait()
     medians = {peer: {key: statistics.median(values) for key, values in figures.items()}
                for peer, figures in results.items()}
     print("| proxy | new TLS handshakes per proxy-CPU-s | TLS one-stream Gbit/s |")
     print("|---|---|---|")
     for peer, figures in medians.items():
         print(f"| {peer} | {figures['handshakes']:.0f} | {figures['gbits']:.2f} |")
-    print(f"| gconn / HAProxy | "
-          f"{medians['gconn']['handshakes'] / medians['haproxy']['handshakes']:.2f}x | "
-          f"{medians['gconn']['gbits'] / medians['haproxy']['gbits']:.2f}x |")
+    for name, first, second in (("gconn / HAProxy", "gconn", "haproxy"),
+                                ("gconn-sni / gconn-tcp", "gconn-sni", "gconn-tcp")):
+        if second in medians:
+            print(f"| {name} | "
+                  f"{medians[first]['handshakes'] / medians[second]['handshakes']:.2f}x | "
+                  f"{medians[first]['gbits'] / medians[second]['gbits']:.2f}x |")
 
 
 if __name__ == "__main__":
