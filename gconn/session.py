@@ -182,8 +182,8 @@ class Session:
             self.wait_for_slot()
             if client_gone(self.client):  # it gave up while waiting: do not connect onwards
                 return "client_closed"
-        else:  # cannot happen while the pool is sized max-connections + max-queued
-            raise Shed(decision, "queue full")
+        else:  # its queue is full too: a route sharing a bind by name shares that bind's
+            raise Shed(decision, "queue full")  # pool, so its own places may all be taken
         self.context.phase = "connecting"
         candidates = route.destinations.candidates(time.monotonic())
         if not candidates:
