@@ -191,3 +191,27 @@ def test_bad_shared_binds_are_config_errors(tmp_path, text, key):
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and str(path) in lines[0], result.stderr
+
+
+def test_a_full_route_on_a_shared_bind_sheds_only_its_own_clients(start_daemon, tls_echo, ca,
+                                                                    tmp_path):
+    """Route a (one place, no queue) is full: its next client is shed as queue_full after its
+    ClientHello, while route b on the same port goes on serving."""
+    a = tls_echo("a", "a.example")
+    b = tls_echo("b", "b.example")
+    port = free_port()
+    config = shared_port_config(port, {"a": ("a.example", a.address),
+                                       "b": ("b.example", b.address)})
+    config = config.replace("[route:a]\n", "[route:a]\nmax-connections = 1\nmax-queued = 0\n")
+    daemon = start_daemon(config=config, tmp=str(tmp_path))
+    held, tag = tls_client(ca, port, "a.example")
+    with held:
+        assert tag == "a"
+        since = daemon.mark()
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            tls_client(ca, port, "a.example")
+        line = fields(daemon.wait_line(lambda text: " end=" in text, since=since))
+        assert line["end"] == "queue_full" and line["route"] == "a"
+        other, tag = tls_client(ca, port, "b.example")
+        other.close()
+        assert tag == "b"
