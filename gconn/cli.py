@@ -18,7 +18,13 @@ from . import log  # noqa: E402
 from .config import load  # noqa: E402
 from .errors import EXIT_CONFIG, EXIT_RUNTIME, ConfigError, StartupError  # noqa: E402
 from .sockets import raise_open_files_limit  # noqa: E402
-from .supervisor import Supervisor, capacity, capacity_warnings, worker_count  # noqa: E402
+from .supervisor import (  # noqa: E402
+    Supervisor,
+    capacity,
+    capacity_warnings,
+    certificate_warnings,
+    worker_count,
+)
 
 LOGGER = logging.getLogger("gconn")
 LIBEV_BACKENDS = ("epoll", "poll", "select")
@@ -52,7 +58,8 @@ def describe_capacity(config):
     wanted = sum(route.max_connections for route in config.routes)
     lines = [f"; capacity: {workers} workers x ({limit} open files - reserve) / 2 = "
              f"{capacity(limit, workers)} forwarded connections; routes ask for {wanted}"]
-    lines += [f"; warning: {warning}" for warning in capacity_warnings(config, limit)]
+    lines += [f"; warning: {warning}" for warning
+              in capacity_warnings(config, limit) + certificate_warnings(config)]
     return "\n".join(lines) + "\n"
 
 

@@ -373,10 +373,9 @@ def _check_tls(route, given):
     if route.server_names:
         raise ConfigError("a route that terminates TLS cannot also be picked by server-names "
                           "(the certificate pairs are picked by server name instead)", **where)
-    pairs = tuple(zip(route.tls_cert, route.tls_key or ("",) * len(route.tls_cert),
-                      strict=True))
     try:
-        tls.server_context(pairs, route.tls_client_ca, route.tls_min_version, route.tls_ciphers)
+        tls.server_context(route.tls_cert, route.tls_key, route.tls_client_ca,
+                           route.tls_min_version, route.tls_ciphers)
     except ValueError as error:
         raise ConfigError(str(error), **where) from None
 
@@ -384,7 +383,7 @@ def _check_tls(route, given):
 def _check_destination_tls(route, given):
     section = f"route:{route.name}"
     tls_destinations = [spec for spec in route.destinations
-                        if (route.destination_tls if spec.tls is None else spec.tls)]
+                        if spec.uses_tls(route.destination_tls)]
     if not tls_destinations:
         return
     if route.server_names:
@@ -397,12 +396,13 @@ def _check_destination_tls(route, given):
         raise ConfigError("TLS to a unix: destination needs destination-tls-server-name (the "
                           "name to verify)", source=given["destinations"].source,
                           key="destination-tls-server-name", section=section)
+    key = "destination-tls-ca"
     try:
-        tls.client_context(route.destination_tls_ca, route.destination_tls_cert,
-                           route.destination_tls_key)
+        context = tls.client_context(route.destination_tls_ca, "", "")
+        if route.destination_tls_cert:
+            key = "destination-tls-cert"
+            tls.load_pair(context, route.destination_tls_cert, route.destination_tls_key)
     except ValueError as error:
-        key = "destination-tls-cert" if route.destination_tls_cert and str(error).startswith(
-            route.destination_tls_cert) else "destination-tls-ca"
         raise ConfigError(str(error), source=given[key].source, key=key,
                           section=section) from None
 
@@ -413,7 +413,7 @@ def _check_distinct_binds(routes, values):
     settings for what happens before the name is known."""
     owners = {}
     for route in routes:
-        if route.bind.port == 0 and route.bind.family != "unix":
+        if not route.bind.fixed:
             continue
         section = f"route:{route.name}"
         given = values[section]

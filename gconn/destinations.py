@@ -21,7 +21,7 @@ class Destination:
         self.name = str(spec.address)  # for logs, metrics and the admin, formatted once
         self.backup = spec.backup
         self.send_proxy = spec.send_proxy or send_proxy  # its own PROXY header, or the route's
-        self.tls = tls if spec.tls is None else spec.tls  # connect over TLS (its, or the route's)
+        self.tls = spec.uses_tls(tls)  # connect over TLS (its own choice, or the route's)
         self.healthy = True  # written by health checks; True until one says otherwise
         self.failed_until = 0.0  # monotonic time before which a failed destination is skipped
         self.active = 0  # forwarded connections to it right now

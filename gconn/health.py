@@ -15,7 +15,7 @@ import socket
 import gevent
 
 from .errors import DestinationUnavailable, ResourceExhausted
-from .protocols import mysql, proxy, tls
+from .protocols import mysql, proxy
 from .sockets import connect
 
 LOGGER = logging.getLogger("gconn.health")
@@ -42,14 +42,9 @@ class HealthChecks:
     def check_tls(self, connection, destination):
         """Complete a TLS handshake with ``destination`` (verified as the sessions verify it),
         then say goodbye with a close_notify; DestinationUnavailable when it fails."""
-        config = self.route.config
-        name = config.destination_tls_server_name or destination.address.host
+        end = self.route.connect_tls(connection, destination)
         try:
-            end = tls.client_handshake(connection, self.route.destination_tls, name,
-                                       config.connect_timeout)
             end.shutdown(socket.SHUT_WR)
-        except tls.TlsError as error:
-            raise DestinationUnavailable(f"TLS: {error}") from None
         except OSError:  # the goodbye is a courtesy
             pass
 

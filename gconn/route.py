@@ -8,7 +8,6 @@ checks (destinations.py, health.py).  What happens to one connection is session.
 module holds no per-connection logic beyond counting how sessions ended.
 """
 
-import datetime
 import logging
 import os
 import time
@@ -18,6 +17,7 @@ from gevent.pool import Pool
 from . import local, metrics
 from .admission import Admission, HostBlocker
 from .destinations import RouteDestinations
+from .errors import DestinationUnavailable
 from .health import HealthChecks
 from .listener import Acceptor
 from .local import ConnectionContext
@@ -29,7 +29,6 @@ from .sockets import bound_address, client_host, listen, peer_name
 
 LOGGER = logging.getLogger("gconn.route")
 
-EXPIRY_WARNING = datetime.timedelta(days=7)  # a certificate closer to its end is logged
 REFUSALS = 256  # clients of a route refused at once in greenlets of their own (PostgreSQL's)
 
 
@@ -50,11 +49,8 @@ class Route:
         self.sni = None  # on a server-names bind: which route serves which name (sni.py)
         self.tls = None  # the SSLContext of a route that terminates TLS (tls.py)
         if config.tls_cert:
-            self.tls = tls.server_context(
-                tuple(zip(config.tls_cert, config.tls_key or ("",) * len(config.tls_cert),
-                          strict=True)),
-                config.tls_client_ca, config.tls_min_version, config.tls_ciphers)
-            self.warn_of_expiry()
+            self.tls = tls.server_context(config.tls_cert, config.tls_key, config.tls_client_ca,
+                                          config.tls_min_version, config.tls_ciphers)
         self.destination_tls = None  # the SSLContext connections to TLS destinations use
         if any(destination.tls for destination in self.destinations.destinations):
             self.destination_tls = tls.client_context(
@@ -64,7 +60,8 @@ class Route:
         self.checks_host_later = self.reads_proxy
         # the forwarding pool; a shared bind's first route holds every route's greenlets
         self.pool = Pool(pool_size or config.max_connections + config.max_queued)
-        self.refusals = Pool(REFUSALS)  # greenlets refusing clients shed in the accept path
+        # greenlets refusing clients shed in the accept path whose refusal needs a reply
+        self.refusals = Pool(REFUSALS) if config.protocol in refusal.READS_FIRST else None
         self.accept_pauses = 0  # times accepting paused for descriptors (admin: accept_pauses)
         self.accepted = 0  # clients accepted (metrics.flush publishes the plain counts)
         self.ended = {}  # how sessions ended -> how many
@@ -98,15 +95,18 @@ class Route:
             raise
         session.run()
 
-    def warn_of_expiry(self):
-        """Log each of the route's certificates that has expired or expires within a week."""
-        now = datetime.datetime.now(datetime.UTC)
-        for path in self.config.tls_cert:
-            left = tls.expiry(path) - now
-            if left < EXPIRY_WARNING:
-                LOGGER.warning("route=%s certificate %s %s", self.name, path,
-                               "has expired" if left.total_seconds() < 0
-                               else f"expires in {left.days} days")
+    def connect_tls(self, connection, destination):
+        """The TLS handshake with ``destination`` on the freshly connected ``connection``,
+        verified as destination-tls-server-name or its host, within connect-timeout: the end
+        to forward to.  DestinationUnavailable when it fails (sessions fail over, checks
+        count it)."""
+        config = self.config
+        name = config.destination_tls_server_name or destination.address.host
+        try:
+            return tls.client_handshake(connection, self.destination_tls, name,
+                                        config.connect_timeout)
+        except tls.TlsError as error:
+            raise DestinationUnavailable(f"{destination.name}: TLS: {error}") from None
 
     def refusal(self, reason, address):
         """What a client from ``address`` refused for ``reason`` is told, in the route's
@@ -120,14 +120,12 @@ class Route:
         close, the access line with ``why`` as its error.  A protocol whose client speaks
         first (PostgreSQL) is refused in a greenlet of its own, from a small bounded pool;
         when that is full the client is closed without a word."""
-        if self.tls is not None:  # its clients expect a TLS handshake: no plaintext refusal
-            pass
-        elif self.config.protocol in refusal.READS_FIRST:
+        if self.refusals is not None:
             if not self.refusals.full():
                 self.refusals.spawn(self.refuse, client, address, reason, why)
                 return
             why += "; closed unanswered: too many refusals under way"
-        else:
+        elif self.tls is None:  # a TLS client expects a handshake: no plaintext refusal
             refusal.refuse(client, self.config.protocol, self.refusal(reason, address))
         client.close()
         context = ConnectionContext(self.registry.next_id(), self.name, peer_name(address))

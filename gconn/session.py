@@ -131,10 +131,7 @@ class Session:
         except proxy.ProxyHeaderError as error:  # a balancer's mistake or a spoofer: just close
             local.set_error("bad_proxy_header", str(error))
             end = "bad_proxy_header"
-        except sni.HelloError as error:  # not TLS, or no whole ClientHello in time
-            local.set_error("tls_handshake_failed", str(error))
-            end = "tls_handshake_failed"
-        except tls.TlsError as error:
+        except (sni.HelloError, tls.TlsError) as error:  # no whole ClientHello, or handshake
             local.set_error("tls_handshake_failed", str(error))
             end = "tls_handshake_failed"
         except sni.UnknownServerName as error:
@@ -267,14 +264,7 @@ class Session:
                 raise DestinationUnavailable(f"{destination.name}: {error}") from None
         if not destination.tls:
             return connection
-        config = self.route.config
-        address = destination.address
-        name = config.destination_tls_server_name or address.host
-        try:
-            return tls.client_handshake(connection, self.route.destination_tls, name,
-                                        config.connect_timeout)
-        except tls.TlsError as error:
-            raise DestinationUnavailable(f"{destination.name}: TLS: {error}") from None
+        return self.route.connect_tls(connection, destination)
 
     def send_proxy_header(self, connection, version):
         """Tell the destination who the client is, before its first byte: the client's

@@ -56,6 +56,12 @@ class Address:
     port: int = 0
     path: str = ""
 
+    @property
+    def fixed(self):
+        """Whether this names one place (a unix path or a port other than 0) that two routes
+        could both bind; port 0 gives each listener a port of its own."""
+        return self.family == "unix" or self.port != 0
+
     def __str__(self):
         if self.family == "unix":
             return f"unix:{self.path}"
@@ -72,6 +78,11 @@ class DestinationSpec:
     backup: bool = False
     send_proxy: str | None = None  # this destination's send-proxy; None: the route's
     tls: bool | None = None  # this destination's destination-tls; None: the route's
+
+    def uses_tls(self, route_tls):
+        """Whether connections to it use TLS: its own ``tls=``, else the route's
+        destination-tls (``route_tls``)."""
+        return route_tls if self.tls is None else self.tls
 
     def __str__(self):
         words = [str(self.address)]
@@ -366,7 +377,7 @@ SETTINGS = (
             "the PEM private keys of tls-cert, in the same order; empty: in the cert files"),
     Setting("tls-client-ca", ROUTE, parse_text, "",
             "with tls-cert: require client certificates signed by these CA certificates (PEM)"),
-    Setting("tls-min-version", ROUTE, one_of(tuple(TLS_VERSIONS)), "1.2",
+    Setting("tls-min-version", ROUTE, one_of(TLS_VERSIONS), "1.2",
             "with tls-cert: the oldest TLS version accepted"),
     Setting("tls-ciphers", ROUTE, parse_text, "",
             "with tls-cert: TLS 1.2 cipher suites in OpenSSL's syntax; empty: OpenSSL's default"),

@@ -11,6 +11,7 @@ roster of its current workers.
 """
 
 import dataclasses
+import datetime
 import errno
 import logging
 import os
@@ -28,6 +29,7 @@ from .config import load
 from .errors import ConfigError, StartupError
 from .fleet import Fleet, Roster
 from .heartbeat import Heartbeats
+from .protocols import tls
 from .sockets import connections_per_process, listen, raise_open_files_limit
 from .worker import worker_process
 
@@ -37,6 +39,7 @@ LOOP_TICK = 0.5  # seconds the supervisor waits for a signal before checking its
 STARTING_TICK = 0.02  # the same while a generation of workers is starting
 RESTART_BACKOFF_MIN = 0.1  # seconds before restarting a worker that died young
 RESTART_BACKOFF_MAX = 10.0  # the longest wait between restarts of a worker that keeps dying
+EXPIRY_WARNING = datetime.timedelta(days=7)  # a certificate closer to its end is logged
 YOUNG = 5.0  # seconds: a worker that dies younger than this counts towards backoff
 KILL_GRACE = 5.0  # seconds between TERM and KILL for a worker that overruns its drain
 SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "CHLD")
@@ -56,6 +59,21 @@ def workers_needed(connections, open_files_limit):
 def worker_count(config):
     """The configured number of workers; 0 means one per CPU core."""
     return config.process.workers or os.cpu_count() or 1
+
+
+def certificate_warnings(config, now=None):
+    """Each terminating route's certificate that has expired or ends within EXPIRY_WARNING,
+    one sentence each: logged once at start and reload (not by every worker)."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    warnings = []
+    for route in config.routes:
+        for path in route.tls_cert:
+            left = tls.expiry(path) - now
+            if left < EXPIRY_WARNING:
+                warnings.append(f"route={route.name} certificate {path} " + (
+                    "has expired" if left.total_seconds() < 0
+                    else f"expires in {left.days} days"))
+    return warnings
 
 
 def capacity_warnings(config, open_files_limit):
@@ -166,8 +184,9 @@ class Supervisor:
                 pass
 
     def check_capacity(self, config):
-        """Log each capacity warning for ``config`` (see ``capacity_warnings``)."""
-        for warning in capacity_warnings(config, self.open_files):
+        """Log each capacity and certificate warning for ``config`` (``capacity_warnings``,
+        ``certificate_warnings``)."""
+        for warning in capacity_warnings(config, self.open_files) + certificate_warnings(config):
             LOGGER.warning("%s", warning)
 
     def run(self):

@@ -53,8 +53,7 @@ class Worker:
         """Open every route's listener; on a StartupError close those already open and raise."""
         groups = {}  # routes sharing one bind, told apart by server name (config.py checked)
         for route in self.config.routes:
-            alone = route.bind.port == 0 and route.bind.family != "unix"
-            groups.setdefault(id(route) if alone else route.bind, []).append(route)
+            groups.setdefault(route.bind if route.bind.fixed else id(route), []).append(route)
         try:
             for configs in groups.values():
                 inherited = self.listeners.get(str(configs[0].bind))

@@ -370,3 +370,21 @@ def tls_echo(ca):
     yield start
     for server in started:
         server.close()
+
+
+def s_client_line(port, server_name, ca_file, line, *options):
+    """Send ``line`` through ``openssl s_client`` to 127.0.0.1:port as ``server_name``,
+    verifying against ``ca_file``; the line that comes back (s_client -quiet waits past the
+    end of its input, so it is killed once the answer is read)."""
+    client = subprocess.Popen(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", server_name,
+         "-quiet", "-verify_return_error", "-CAfile", str(ca_file), *options],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        client.stdin.write(line)
+        client.stdin.flush()
+        return client.stdout.readline()
+    finally:
+        client.kill()
+        client.communicate()

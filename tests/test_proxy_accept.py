@@ -234,6 +234,16 @@ def start_nginx_reporting_the_header(tmp_path):
     return nginx, port
 
 
+def plain_listener():
+    """A listening socket on 127.0.0.1 whose accepts time out after 20 s (a destination that
+    shows what gconn sends it)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(20)
+    return listener
+
+
 def read_all(connection):
     """Every byte until the peer closes."""
     return b"".join(iter(lambda: connection.recv(65536), b""))
@@ -338,10 +348,7 @@ def test_health_checks_send_a_proxy_header_when_destinations_expect_one(
         start_daemon, tmp_path, version, expected):
     """With send-proxy, each health check's connection carries a v1 UNKNOWN or v2 LOCAL header
     (a PROXY-expecting backend would count a bare connect as a broken client)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    listener.settimeout(20)
+    listener = plain_listener()
     try:
         daemon = start_daemon(config=f"[gconn]\nworkers = 1\n[route:default]\n"
                                      f"bind = 127.0.0.1:0\n"
@@ -362,10 +369,7 @@ def test_a_destination_overrides_the_routes_send_proxy(start_daemon, tmp_path):
     """send-proxy per destination: with the route at v2, nginx listed with send-proxy=v1 gets a
     v1 header and a plain listener listed with send-proxy=no gets the client's bytes only."""
     nginx, port = start_nginx_reporting_the_header(tmp_path)
-    plain = socket.socket()
-    plain.bind(("127.0.0.1", 0))
-    plain.listen(4)
-    plain.settimeout(20)
+    plain = plain_listener()
     try:
         daemon = start_daemon(config=f"[gconn]\nworkers = 1\n[route:default]\n"
                                      f"bind = 127.0.0.1:0\nsend-proxy = v2\n"

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import connect, free_port
+from conftest import connect, free_port, s_client_line
 from test_config import run_gconn
 from test_proxy_accept import stop, wait_for_port
 from test_sni import captured_hello, python_client
@@ -97,18 +97,9 @@ def test_three_names_and_a_default_across_routes_sharing_a_port(start_daemon, tl
             sender.join()
             assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
         ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-        client = subprocess.Popen(
-            ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername",
-             "c.example", "-quiet", "-verify_return_error", "-CAfile", str(tmp_path / "ca.pem")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        try:  # s_server -rev answers each line reversed; s_client -quiet waits past EOF
-            client.stdin.write(b"hello gconn\n")
-            client.stdin.flush()
-            assert client.stdout.readline() == b"nnocg olleh\n"
-        finally:
-            client.kill()
-            client.communicate()
+        # s_server -rev answers each line reversed
+        assert s_client_line(port, "c.example", tmp_path / "ca.pem",
+                             b"hello gconn\n") == b"nnocg olleh\n"
         daemon.wait_line(lambda text: " sni=c.example " in text and " end=" in text,
                          since=since)
         lines = [fields(line) for line in daemon.lines[since:] if " end=" in line]

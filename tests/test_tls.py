@@ -7,11 +7,11 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 
 import pytest
+from conftest import s_client_line
 from test_config import run_gconn
 
 from gconn.log import parse_fields as fields
@@ -26,10 +26,33 @@ def write_pair(ca, tmp_path, name, *names):
     return str(cert), str(key)
 
 
-def tls_route(echo, certs, keys="", extra=""):
+def tls_route(destination, certs, keys="", extra=""):
+    """A one-worker config whose route ``tls`` terminates TLS towards ``destination``."""
     return (f"[gconn]\nworkers = 1\n[route:tls]\nbind = 127.0.0.1:0\n"
-            f"destinations = {echo.address}\ntls-cert = {certs}\ntls-key = {keys}\n"
+            f"destinations = {destination}\ntls-cert = {certs}\ntls-key = {keys}\n"
             f"tls-handshake-timeout = 2s\n{extra}")
+
+
+class OneConnection:
+    """A plain destination on 127.0.0.1 that serves one connection with ``handle`` in a
+    thread; ``finish()`` waits for it and closes the listener."""
+
+    def __init__(self, handle):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.serve, args=(handle,), daemon=True)
+        self.thread.start()
+
+    def serve(self, handle):
+        connection, _ = self.listener.accept()
+        with connection:
+            handle(connection)
+
+    def finish(self):
+        self.thread.join(10)
+        self.listener.close()
 
 
 def client_context(ca, certificate=None, maximum=None):
@@ -79,7 +102,7 @@ def test_terminated_tls_carries_a_megabyte_and_logs_version_cipher_and_name(
     the plain echo, and the access line has tls_version, tls_cipher and sni."""
     echo = start_echo()
     cert, key = write_pair(ca, tmp_path, "a", "a.example")
-    daemon = start_daemon(config=tls_route(echo, cert, key), tmp=str(tmp_path))
+    daemon = start_daemon(config=tls_route(echo.address, cert, key), tmp=str(tmp_path))
     since = daemon.mark()
     roundtrip(client_context(ca), daemon.port("tls"), "a.example")
     line = fields(daemon.wait_line(lambda text: " end=" in text, since=since))
@@ -93,19 +116,9 @@ def test_openssl_s_client_through_terminated_tls(start_daemon, start_echo, ca, t
     echo = start_echo()
     cert, key = write_pair(ca, tmp_path, "a", "a.example")
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    daemon = start_daemon(config=tls_route(echo, cert, key), tmp=str(tmp_path))
-    client = subprocess.Popen(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{daemon.port('tls')}", "-servername",
-         "a.example", "-tls1_2", "-quiet", "-verify_return_error", "-CAfile",
-         str(tmp_path / "ca.pem")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        client.stdin.write(b"hello through tls\n")
-        client.stdin.flush()
-        assert client.stdout.readline() == b"hello through tls\n"
-    finally:
-        client.kill()
-        client.communicate()
+    daemon = start_daemon(config=tls_route(echo.address, cert, key), tmp=str(tmp_path))
+    assert s_client_line(daemon.port("tls"), "a.example", tmp_path / "ca.pem",
+                         b"hello through tls\n", "-tls1_2") == b"hello through tls\n"
     line = fields(daemon.wait_line(lambda text: " end=" in text))
     assert line["tls_version"] == "TLSv1.2"
 
@@ -116,7 +129,7 @@ def test_client_certificates_required_and_refused(start_daemon, start_echo, ca, 
     echo = start_echo()
     cert, key = write_pair(ca, tmp_path, "a", "a.example")
     ca.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
-    daemon = start_daemon(config=tls_route(echo, cert, key,
+    daemon = start_daemon(config=tls_route(echo.address, cert, key,
                                            f"tls-client-ca = {tmp_path / 'clients.pem'}\n"),
                           tmp=str(tmp_path))
     port = daemon.port("tls")
@@ -135,8 +148,8 @@ def test_several_pairs_are_picked_by_server_name(start_daemon, start_echo, ca, t
     echo = start_echo()
     a_cert, a_key = write_pair(ca, tmp_path, "a", "a.example")
     b_cert, b_key = write_pair(ca, tmp_path, "b", "*.b.example")
-    daemon = start_daemon(config=tls_route(echo, f"{a_cert}, {b_cert}", f"{a_key}, {b_key}"),
-                          tmp=str(tmp_path))
+    daemon = start_daemon(config=tls_route(echo.address, f"{a_cert}, {b_cert}",
+                                           f"{a_key}, {b_key}"), tmp=str(tmp_path))
     port = daemon.port("tls")
     peer = roundtrip(client_context(ca), port, "x.b.example", size=100)
     assert ("DNS", "*.b.example") in peer["subjectAltName"]
@@ -148,7 +161,7 @@ def test_tls_min_version_refuses_older_clients(start_daemon, start_echo, ca, tmp
     """tls-min-version 1.3: a client that offers at most TLS 1.2 fails its handshake."""
     echo = start_echo()
     cert, key = write_pair(ca, tmp_path, "a", "a.example")
-    daemon = start_daemon(config=tls_route(echo, cert, key, "tls-min-version = 1.3\n"),
+    daemon = start_daemon(config=tls_route(echo.address, cert, key, "tls-min-version = 1.3\n"),
                           tmp=str(tmp_path))
     assert refused(client_context(ca, maximum=ssl.TLSVersion.TLSv1_2), daemon.port("tls"),
                    "a.example")
@@ -181,7 +194,7 @@ def test_hup_serves_a_new_certificate_to_new_clients_and_keeps_a_broken_one_out(
     echo = start_echo()
     cert, key = write_pair(ca, tmp_path, "a", "a.example")
     config = tmp_path / "gconn.conf"
-    config.write_text(tls_route(echo, cert, key))
+    config.write_text(tls_route(echo.address, cert, key))
     daemon = start_daemon("-c", str(config))
     context = client_context(ca)
     old = context.wrap_socket(socket.create_connection(("127.0.0.1", daemon.port("tls")),
@@ -215,22 +228,9 @@ def test_hup_serves_a_new_certificate_to_new_clients_and_keeps_a_broken_one_out(
 def test_a_destination_that_closes_first_sends_close_notify(start_daemon, ca, tmp_path):
     """The destination says goodbye and closes: the client reads the goodbye, then a clean
     TLS end (close_notify, not a truncation), and the access line says destination_closed."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-
-    def goodbye():
-        connection, _ = listener.accept()
-        with connection:
-            connection.sendall(b"bye\n")
-
-    server = threading.Thread(target=goodbye, daemon=True)
-    server.start()
+    destination = OneConnection(lambda connection: connection.sendall(b"bye\n"))
     cert, key = write_pair(ca, tmp_path, "a", "a.example")
-    daemon = start_daemon(config=(
-        f"[gconn]\nworkers = 1\n[route:tls]\nbind = 127.0.0.1:0\n"
-        f"destinations = 127.0.0.1:{listener.getsockname()[1]}\ntls-cert = {cert}\n"
-        f"tls-key = {key}\n"), tmp=str(tmp_path))
+    daemon = start_daemon(config=tls_route(destination.address, cert, key), tmp=str(tmp_path))
     with client_context(ca).wrap_socket(
             socket.create_connection(("127.0.0.1", daemon.port("tls")), timeout=20),
             server_hostname="a.example", suppress_ragged_eofs=False) as tls:
@@ -238,8 +238,7 @@ def test_a_destination_that_closes_first_sends_close_notify(start_daemon, ca, tm
         while chunk := tls.recv(100):  # a bare FIN would raise SSLEOFError here
             received += chunk
         assert received == b"bye\n"
-    server.join(10)
-    listener.close()
+    destination.finish()
     line = fields(daemon.wait_line(lambda text: " end=" in text))
     assert line["end"] == "destination_closed" and line["bytes_down"] == "4"
 
@@ -335,29 +334,16 @@ def test_a_client_that_ends_first_gets_a_close_notify_back(start_daemon, ca, tmp
     """The client sends, then its close_notify (unwrap); the destination reads to the end and
     closes; gconn ends the client's side with a close_notify too, so unwrap completes cleanly
     (a bare FIN would be a truncation) and every byte reached the destination."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
     got = []
-
-    def drain():
-        connection, _ = listener.accept()
-        with connection:
-            got.append(b"".join(iter(lambda: connection.recv(65536), b"")))
-
-    server = threading.Thread(target=drain, daemon=True)
-    server.start()
+    destination = OneConnection(
+        lambda connection: got.append(b"".join(iter(lambda: connection.recv(65536), b""))))
     cert, key = write_pair(ca, tmp_path, "a", "a.example")
-    daemon = start_daemon(config=(
-        f"[gconn]\nworkers = 1\n[route:tls]\nbind = 127.0.0.1:0\n"
-        f"destinations = 127.0.0.1:{listener.getsockname()[1]}\ntls-cert = {cert}\n"
-        f"tls-key = {key}\n"), tmp=str(tmp_path))
+    daemon = start_daemon(config=tls_route(destination.address, cert, key), tmp=str(tmp_path))
     data = os.urandom(1 << 20)
     with client_context(ca).wrap_socket(
             socket.create_connection(("127.0.0.1", daemon.port("tls")), timeout=20),
             server_hostname="a.example") as tls:
         tls.sendall(data)
         tls.unwrap()  # raises SSLEOFError if gconn closed without a close_notify
-    server.join(10)
-    listener.close()
+    destination.finish()
     assert hashlib.sha256(got[0]).digest() == hashlib.sha256(data).digest()

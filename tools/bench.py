@@ -88,6 +88,27 @@ def missing(peer):
     return None
 
 
+def gconn_command(port, target, *options):
+    """``python -m gconn`` as the benchmarks run it: one worker, no admin, no access log, no
+    idle timeout, from 127.0.0.1:port to 127.0.0.1:target."""
+    return [sys.executable, "-m", "gconn", "--workers", "1", "--admin", "", "--access-log",
+            "off", "--idle-timeout", "0", "--max-connections", "20000",
+            "--max-connect-errors", "0", "--bind", f"127.0.0.1:{port}",
+            "--destination", f"127.0.0.1:{target}", *options]
+
+
+def haproxy_config(port, target, bind_options=""):
+    """HAProxy's config as the benchmarks run it: one thread, 127.0.0.1:port to target.
+    maxconn 9900: HAProxy refuses to start when maxconn needs more descriptors (two per
+    connection) than this box's 20,000 limit; splice-auto with 64 pipes (gconn splices bulk
+    streams too, through at most 16 pipes per worker)."""
+    return (f"global\n  maxconn 9900\n  maxpipes 64\n  nbthread 1\n"
+            f"defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n"
+            f"  timeout client 1h\n  timeout server 1h\n"
+            f"listen bench\n  bind 127.0.0.1:{port}{bind_options}\n"
+            f"  server backend 127.0.0.1:{target}\n")
+
+
 def start_peer(fleet, peer, target, tag):
     """Start ``peer`` forwarding a free port to 127.0.0.1:target; return (process, port)."""
     if peer == "noproxy":
@@ -98,23 +119,13 @@ def start_peer(fleet, peer, target, tag):
     if peer in ("gconn", "gconn-before"):
         # gconn-before runs ``python -m gconn`` in an earlier checkout (--before): the
         # working directory comes first on sys.path, ahead of the installed gconn
-        process = fleet.start(name, pinned(PROXY_CPU, [
-            sys.executable, "-m", "gconn", "--workers", "1", "--admin", "", "--access-log", "off",
-            "--idle-timeout", "0", "--max-connections", "20000", "--max-connect-errors", "0",
-            "--bind", f"127.0.0.1:{port}", "--destination", f"127.0.0.1:{target}"]),
-            cwd=BEFORE[0] if peer == "gconn-before" else None)
+        process = fleet.start(name, pinned(PROXY_CPU, gconn_command(port, target)),
+                              cwd=BEFORE[0] if peer == "gconn-before" else None)
         wait_for_line(process, "ready workers=")
     elif peer == "haproxy":
         path = os.path.join(scratch, f"{name}.cfg")
-        # maxconn 9900: HAProxy refuses to start when maxconn needs more descriptors (two per
-        # connection) than this box's 20,000 limit; splice-auto with 64 pipes (gconn splices
-        # bulk streams too, through at most 16 pipes per worker)
         with open(path, "w") as stream:
-            stream.write(f"global\n  maxconn 9900\n  maxpipes 64\n  nbthread 1\n"
-                         f"defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n"
-                         f"  timeout client 1h\n  timeout server 1h\n"
-                         f"listen bench\n  bind 127.0.0.1:{port}\n"
-                         f"  server backend 127.0.0.1:{target}\n")
+            stream.write(haproxy_config(port, target))
         process = fleet.start(name, pinned(PROXY_CPU, ["haproxy", "-db", "-f", path]))
     elif peer == "nginx":
         path = os.path.join(scratch, f"{name}.conf")

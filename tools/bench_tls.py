@@ -32,7 +32,16 @@ import time
 import trustme
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import LOAD_CPU, PROXY_CPU, cpu_seconds, free_port, pinned, wait_port  # noqa: E402
+from bench import (  # noqa: E402
+    LOAD_CPU,
+    PROXY_CPU,
+    cpu_seconds,
+    free_port,
+    gconn_command,
+    haproxy_config,
+    pinned,
+    wait_port,
+)
 
 CHUNK = 1024 * 1024  # bytes per sendall of the throughput client
 
@@ -72,19 +81,13 @@ def start_proxy(peer, scratch, cert, key, pem, target, cpu=PROXY_CPU):
     passing it through (``gconn-tcp``, ``gconn-sni``)."""
     port = free_port()
     if peer.startswith("gconn"):
-        command = [sys.executable, "-m", "gconn", "--workers", "1", "--admin", "",
-                   "--access-log", "off", "--idle-timeout", "0", "--max-connect-errors", "0",
-                   "--bind", f"127.0.0.1:{port}", "--destination", f"127.0.0.1:{target}"]
-        command += {"gconn": ["--tls-cert", cert, "--tls-key", key],
-                    "gconn-sni": ["--server-names", "bench.example"]}.get(peer, [])
+        command = gconn_command(port, target, *{
+            "gconn": ["--tls-cert", cert, "--tls-key", key],
+            "gconn-sni": ["--server-names", "bench.example"]}.get(peer, []))
     else:
         path = os.path.join(scratch, f"haproxy-{port}.cfg")
         with open(path, "w") as stream:
-            stream.write(f"global\n  maxconn 9900\n  nbthread 1\n"
-                         f"defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n"
-                         f"  timeout server 1h\nlisten bench\n"
-                         f"  bind 127.0.0.1:{port} ssl crt {pem}\n"
-                         f"  server backend 127.0.0.1:{target}\n")
+            stream.write(haproxy_config(port, target, f" ssl crt {pem}"))
         command = ["haproxy", "-db", "-f", path]
     process = subprocess.Popen(pinned(cpu, command), stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -121,10 +121,7 @@ def _server_name(value):
             except UnicodeDecodeError:
                 raise HelloError("a server name that is not ASCII") from None
             text = text.rstrip(".").lower()
-            if not text or len(text) > 253 or any(
-                    not label or len(label) > 63 or not all(c.isalnum() or c in "-_"
-                                                            for c in label)
-                    for label in text.split(".")):
+            if not is_host_name(text):
                 raise HelloError(f"a server name that is not a host name: {text[:64]!r}")
             return text
     return None
@@ -151,6 +148,14 @@ class _Reader:
         return self.take(int.from_bytes(self.take(length_bytes), "big"))
 
 
+def is_host_name(text):
+    """Whether ``text`` is a DNS host name: dot-separated labels of letters, digits, - and _,
+    each 1 to 63 characters, 253 in all."""
+    return 0 < len(text) <= 253 and all(
+        0 < len(label) <= 63 and all(c.isalnum() or c in "-_" for c in label)
+        for label in text.split("."))
+
+
 def parse_server_names(text):
     """``server-names``: comma-separated host names, exact (``db.example.com``) or wildcards
     (``*.example.com``: any name ending in ``.example.com``), lowercased -> a tuple."""
@@ -159,10 +164,7 @@ def parse_server_names(text):
         name = item.strip().lower().rstrip(".")
         if not name:
             continue
-        host = name[2:] if name.startswith("*.") else name
-        if not host or any(not label or len(label) > 63
-                           or not all(c.isalnum() or c in "-_" for c in label)
-                           for label in host.split(".")):
+        if not is_host_name(name[2:] if name.startswith("*.") else name):
             raise ValueError(f"{item.strip()!r} is not a host name or *.suffix wildcard")
         names.append(name)
     return tuple(names)

@@ -19,6 +19,7 @@ import time
 from cryptography import x509
 
 from gconn.errors import GconnError
+from gconn.protocols.sni import ServerNames
 from gconn.sockets import receive_within, send_within
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -30,32 +31,23 @@ class TlsError(GconnError):
     """The TLS handshake failed (OpenSSL's reason), timed out, or the client left."""
 
 
-def server_context(pairs, client_ca, min_version, ciphers):
-    """The SSLContext of a terminating route: ``pairs`` is ((cert path, key path or ""), ...);
-    with several, the client's server name picks the pair whose certificate names it (the
+def server_context(certs, keys, client_ca, min_version, ciphers):
+    """The SSLContext of a terminating route: ``certs`` are PEM files, ``keys`` their keys in
+    the same order (empty: the keys are in the cert files); with several, the client's server
+    name picks the pair whose certificate names it, as sni.ServerNames picks a route (the
     first pair otherwise).  ValueError naming the file and OpenSSL's reason on any problem."""
-    contexts = [_context(cert, key, client_ca, min_version, ciphers) for cert, key in pairs]
-    if len(contexts) > 1:
-        by_name = {}
-        wildcards = []
-        for (cert, _), context in zip(pairs, contexts, strict=True):
-            for name in certificate_names(cert):
-                if name.startswith("*."):
-                    wildcards.append((name[1:], context))
-                else:
-                    by_name.setdefault(name, context)
+    contexts = [_context(cert, key, client_ca, min_version, ciphers)
+                for cert, key in zip(certs, keys or ("",) * len(certs), strict=True)]
+    names = ServerNames([(certificate_names(cert), context)
+                         for cert, context in zip(certs, contexts, strict=True)]
+                        if len(contexts) > 1 else [])
 
-        def pick(ssl_object, server_name, _context):
-            ssl_object.sni = server_name
-            if server_name:
-                name = server_name.lower()
-                chosen = by_name.get(name) or next(
-                    (context for suffix, context in wildcards if name.endswith(suffix)), None)
-                if chosen is not None:
-                    ssl_object.context = chosen
-    else:
-        def pick(ssl_object, server_name, _context):
-            ssl_object.sni = server_name
+    def pick(ssl_object, server_name, _context):
+        ssl_object.sni = server_name
+        chosen = names.route_for(server_name.lower() if server_name else None)
+        if chosen is not None:
+            ssl_object.context = chosen
+
     # set through the C type's own slot: gevent's SSLContext wraps the callback for its
     # SSLSocket, while TLS here runs on SSLObjects over memory BIOs (no socket to wait on)
     _ssl._SSLContext.sni_callback.__set__(contexts[0], pick)  # noqa: SLF001
@@ -72,11 +64,13 @@ def client_context(ca, cert, key):
         raise ValueError(f"{ca}: {getattr(error, 'reason', None) or error.strerror or error}"
                          ) from None
     if cert:
-        _load_pair(context, cert, key)
+        load_pair(context, cert, key)
     return context
 
 
-def _load_pair(context, cert, key):
+def load_pair(context, cert, key):
+    """Load a certificate (with its chain) and its key into ``context``; ValueError naming
+    the file and OpenSSL's reason."""
     try:
         context.load_cert_chain(cert, key or None)
     except FileNotFoundError as error:
@@ -91,7 +85,7 @@ def _load_pair(context, cert, key):
 def _context(cert, key, client_ca, min_version, ciphers):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = VERSIONS[min_version]
-    _load_pair(context, cert, key)
+    load_pair(context, cert, key)
     if ciphers:
         try:
             context.set_ciphers(ciphers)
