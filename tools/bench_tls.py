@@ -10,11 +10,15 @@ Figures, each the median of ``--runs`` alternating runs:
   s_time, divided by the CPU seconds the proxy used meanwhile;
 - one-stream Gbit/s: one Python TLS client sends ``--megabytes`` through the proxy to a
   plain discarding sink.
-With ``--passthrough``, the same two figures for gconn forwarding TLS untouched (handshakes
-by a Python client, which sends the server name), once as a
+With ``--passthrough``, the same two figures for gconn forwarding TLS untouched, once as a
 plain TCP route (``gconn-tcp``) and once picked by server name (``gconn-sni``: it reads the
-ClientHello first), towards an HAProxy that terminates TLS on the other core: the ratio
-sni/tcp is what routing by name costs (the issue's bar: within 10 %).
+ClientHello first): the ratio sni/tcp is what routing by name costs (the issue's bar: within
+10 %).  Their connection figure is new connections per proxy-CPU-second with ``--clients``
+concurrent clients (as gconn-bench's new-connection figure) that each send a real ClientHello
+(recorded from Python's ssl, server name bench.example) and read it back from gconn-echo: the
+bytes a route picked by name reads, parses and forwards, without a TLS peer on the load core
+that would leave the proxy idle between connections.  Their stream figure is one TLS stream
+through them to an HAProxy that terminates it on the other core.
 """
 
 import argparse
@@ -107,17 +111,52 @@ def handshakes_per_cpu_second(process, port, seconds, ca_file):
     return count / used
 
 
-def named_handshakes_per_cpu_second(process, port, seconds, context):
-    """Full handshakes by a Python client that sends the server name (openssl s_time sends
-    none, and a route picked by name needs one) per CPU second of the proxy."""
+def recorded_hello(context):
+    """The ClientHello Python's ssl sends for bench.example (what a passthrough route reads)."""
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
+                           server_hostname="bench.example")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def hello_connections_per_cpu_second(process, port, seconds, clients, hello):
+    """New connections per CPU second of the proxy, ``clients`` at a time, each sending
+    ``hello`` and reading it back (checked byte for byte) from the echo behind the proxy."""
     before = cpu_seconds(process)
-    count = 0
+    output = subprocess.run(pinned(LOAD_CPU, [
+        sys.executable, os.path.abspath(__file__), "--hello-clients", str(port), str(clients),
+        str(seconds), hello.hex()]), capture_output=True, text=True, check=True,
+        timeout=seconds + 60).stdout
+    return int(output) / (cpu_seconds(process) - before)
+
+
+def hello_clients(port, clients, seconds, hello):
+    """The load of ``hello_connections_per_cpu_second`` (run in a process of its own):
+    gevent's sockets, ``clients`` loops until ``seconds`` passed; prints the connection count.
+    A hello that does not come back whole raises."""
+    import gevent  # noqa: PLC0415 (only this load process runs a hub)
+    from gevent import socket as green
+
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20),
-                                 server_hostname="bench.example"):
-            count += 1
-    return count / (cpu_seconds(process) - before)
+    count = 0
+
+    def loop():
+        nonlocal count
+        while time.monotonic() < deadline:
+            with green.create_connection(("127.0.0.1", port), timeout=20) as connection:
+                connection.sendall(hello)
+                back = b""
+                while len(back) < len(hello) and (data := connection.recv(65536)):
+                    back += data
+                if back != hello:
+                    raise RuntimeError(f"{len(back)} of {len(hello)} hello bytes came back")
+                count += 1
+
+    gevent.joinall([gevent.spawn(loop) for _ in range(clients)], raise_error=True)
+    print(count)
 
 
 def stream_gbits(port, megabytes, context, sink):
@@ -144,7 +183,13 @@ def main():
     parser.add_argument("--megabytes", type=int, default=512)
     parser.add_argument("--passthrough", action="store_true",
                         help="also gconn passing TLS through, by TCP route and by server name")
+    parser.add_argument("--clients", type=int, default=50,
+                        help="concurrent clients of the passthrough connection figure")
+    parser.add_argument("--hello-clients", nargs=4, help=argparse.SUPPRESS)
     options = parser.parse_args()
+    if options.hello_clients:
+        port, clients, seconds, hello = options.hello_clients
+        return hello_clients(int(port), int(clients), float(seconds), bytes.fromhex(hello))
     peers = ["gconn", "haproxy"] + (["gconn-tcp", "gconn-sni"] if options.passthrough else [])
     ca = trustme.CA()
     issued = ca.issue_cert("bench.example")
@@ -165,23 +210,22 @@ def main():
         issued.private_key_and_cert_chain_pem.write_to_path(pem)
         ca.cert_pem.write_to_path(ca_file)
         try:
-            targets = {"echo": echo_port, "sink": discard.port}
-            if options.passthrough:  # HAProxy terminates behind the passing-through gconn
-                for name, port in list(targets.items()):
-                    process, terminator = start_proxy("haproxy", scratch, cert, key, pem, port,
-                                                      cpu=LOAD_CPU)
-                    terminators.append(process)
-                    targets[f"tls-{name}"] = terminator
+            targets = {"sink": discard.port}
+            if options.passthrough:  # HAProxy terminates the stream behind gconn passing it
+                process, terminator = start_proxy("haproxy", scratch, cert, key, pem,
+                                                  discard.port, cpu=LOAD_CPU)
+                terminators.append(process)
+                targets["tls-sink"] = terminator
             for run in range(options.runs):
                 order = peers[run % len(peers):] + peers[:run % len(peers)]
                 for peer in order:
                     through = "tls-" if peer in ("gconn-tcp", "gconn-sni") else ""
-                    process, port = start_proxy(peer, scratch, cert, key, pem,
-                                                targets[through + "echo"])
+                    process, port = start_proxy(peer, scratch, cert, key, pem, echo_port)
                     try:
                         results[peer]["handshakes"].append(
-                            named_handshakes_per_cpu_second(process, port, options.seconds,
-                                                            context) if through
+                            hello_connections_per_cpu_second(
+                                process, port, options.seconds, options.clients,
+                                recorded_hello(context)) if through
                             else handshakes_per_cpu_second(process, port, options.seconds,
                                                            ca_file))
                     finally:
@@ -196,7 +240,8 @@ def main():
                         process.kill()
                         process.wait()
                     print(f"run {run + 1}/{options.runs} {peer}: "
-                          f"{results[peer]['handshakes'][-1]:.0f} handshakes per CPU-s, "
+                          f"{results[peer]['handshakes'][-1]:.0f} "
+                          f"{'hello connections' if through else 'handshakes'} per CPU-s, "
                           f"{results[peer]['gbits'][-1]:.2f} Gbit/s", file=sys.stderr)
         finally:
             for process in [echo, *terminators]:
@@ -204,7 +249,8 @@ def main():
                 process.wait()
     medians = {peer: {key: statistics.median(values) for key, values in figures.items()}
                for peer, figures in results.items()}
-    print("| proxy | new TLS handshakes per proxy-CPU-s | TLS one-stream Gbit/s |")
+    print("| proxy | new TLS handshakes (passthrough: hello connections) per proxy-CPU-s "
+          "| TLS one-stream Gbit/s |")
     print("|---|---|---|")
     for peer, figures in medians.items():
         print(f"| {peer} | {figures['handshakes']:.0f} | {figures['gbits']:.2f} |")

@@ -10,6 +10,7 @@ in the connection's greenlet, bounded in bytes and time, and returns them: they 
 to the destination untouched, before any other client byte.
 """
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -92,32 +93,35 @@ def _check_record_start(head):
 
 
 def _parse_body(body):
-    """The server name of a ClientHello body (legacy version .. extensions)."""
-    reader = _Reader(body)
-    reader.take(2 + 32)  # legacy_version, random
-    reader.vector(1)  # legacy_session_id
-    reader.vector(2)  # cipher_suites
-    reader.vector(1)  # legacy_compression_methods
-    if reader.left() == 0:  # a hello without extensions (SSL 3.0 style): no name
+    """The server name of a ClientHello body (legacy version .. extensions).  Plain offsets
+    rather than a reader object: this runs once per connection on a shared bind."""
+    offset = _vector_end(body, 2 + 32, 1)  # after legacy_version, random: legacy_session_id
+    offset = _vector_end(body, offset, 2)  # cipher_suites
+    offset = _vector_end(body, offset, 1)  # legacy_compression_methods
+    if offset == len(body):  # a hello without extensions (SSL 3.0 style): no name
         return ClientHello(None)
-    extensions = _Reader(reader.vector(2))
-    while extensions.left():
-        kind = int.from_bytes(extensions.take(2), "big")
-        value = extensions.vector(2)
+    end = _vector_end(body, offset, 2)
+    offset += 2
+    while offset < end:
+        kind = int.from_bytes(body[offset:offset + 2], "big")
+        start = offset + 2
+        offset = _vector_end(body, start, 2, end)
         if kind == SERVER_NAME:
-            return ClientHello(_server_name(value))
+            return ClientHello(_server_name(body[start + 2:offset]))
     return ClientHello(None)
 
 
 def _server_name(value):
     """The host_name entry of a server_name extension, checked to be a DNS name."""
-    names = _Reader(_Reader(value).vector(2))
-    while names.left():
-        kind = names.take(1)[0]
-        name = names.vector(2)
+    end = _vector_end(value, 0, 2)
+    offset = 2
+    while offset < end:
+        kind = value[offset]
+        start = offset + 1
+        offset = _vector_end(value, start, 2, end)
         if kind == HOST_NAME:
             try:
-                text = name.decode("ascii")
+                text = str(value[start + 2:offset], "ascii")
             except UnicodeDecodeError:
                 raise HelloError("a server name that is not ASCII") from None
             text = text.rstrip(".").lower()
@@ -127,33 +131,24 @@ def _server_name(value):
     return None
 
 
-class _Reader:
-    """Bounds-checked reads through one vector of a ClientHello."""
+def _vector_end(data, offset, length_bytes, end=None):
+    """Where the vector at ``offset`` (a ``length_bytes`` length, then that many bytes) ends,
+    within ``end`` (default: the end of ``data``); HelloError when it runs past it."""
+    end = len(data) if end is None else end
+    start = offset + length_bytes
+    stop = start + int.from_bytes(data[offset:start], "big")
+    if start > end or stop > end:
+        raise HelloError("a ClientHello field runs past its end")
+    return stop
 
-    def __init__(self, data):
-        self.data = data
-        self.offset = 0
 
-    def left(self):
-        return len(self.data) - self.offset
-
-    def take(self, count):
-        if count > self.left():
-            raise HelloError("a ClientHello field runs past its end")
-        value = self.data[self.offset:self.offset + count]
-        self.offset += count
-        return value
-
-    def vector(self, length_bytes):
-        return self.take(int.from_bytes(self.take(length_bytes), "big"))
+HOST_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*")
 
 
 def is_host_name(text):
-    """Whether ``text`` is a DNS host name: dot-separated labels of letters, digits, - and _,
-    each 1 to 63 characters, 253 in all."""
-    return 0 < len(text) <= 253 and all(
-        0 < len(label) <= 63 and all(c.isalnum() or c in "-_" for c in label)
-        for label in text.split("."))
+    """Whether ``text`` is a DNS host name: dot-separated labels of ASCII letters, digits, -
+    and _, each 1 to 63 characters, 253 in all."""
+    return len(text) <= 253 and HOST_NAME_PATTERN.fullmatch(text) is not None
 
 
 def parse_server_names(text):
@@ -216,7 +211,7 @@ def read_client_hello(sock, timeout, limit=HELLO_MAX):
     in ``limit`` bytes.  The caller owns ``sock``."""
     deadline = time.monotonic() + timeout
     data = b""
-    while (hello := parse(data, limit)) is None:
+    while True:
         try:
             chunk = receive_within(sock, limit + MAX_FRAGMENT - len(data), deadline)
         except OSError as error:
@@ -228,4 +223,6 @@ def read_client_hello(sock, timeout, limit=HELLO_MAX):
         if not chunk:
             raise HelloError(f"client closed before its ClientHello ended ({len(data)} bytes)")
         data += chunk
-    return hello, data
+        hello = parse(data, limit)
+        if hello is not None:
+            return hello, data
