@@ -4,17 +4,24 @@ Pure bookkeeping, no I/O and no waiting: the connection's greenlet (session.py) 
 itself when told to queue; the acceptor (listener.py) sheds at once what needs no greenlet.
 Keycloak's lesson: bound the active sessions, bound the queue, shed the rest with a clear,
 counted reason, never an unbounded queue.  MySQL Router's: a client host whose connections keep
-failing is blocked.
+failing is blocked.  HAProxy's stick tables and nginx's limit_conn: one client host may hold
+so many connections and open them so fast, so that it cannot take everyone's places.
 """
 
 import collections
+import heapq
 
 ADMIT, QUEUE = "admit", "queue"  # decisions besides a shed reason
 QUEUE_FULL = "queue_full"
 QUEUE_TIMEOUT = "queue_timeout"
 NO_DESTINATION = "no_destination"
 BLOCKED_HOST = "blocked_host"
-SHED_REASONS = (QUEUE_FULL, QUEUE_TIMEOUT, NO_DESTINATION, BLOCKED_HOST)
+HOST_LIMIT = "host_limit"  # the client's host holds max-connections-per-host already
+HOST_RATE = "host_rate"  # the client's host opened connections faster than its rate
+DENIED = "denied"  # allow-from / deny-from
+SHED_REASONS = (QUEUE_FULL, QUEUE_TIMEOUT, NO_DESTINATION, BLOCKED_HOST, HOST_LIMIT, HOST_RATE,
+                DENIED)
+HOST_TABLE = 16384  # client hosts whose connect rate a route remembers per worker
 
 
 class Admission:
@@ -122,3 +129,52 @@ class HostBlocker:
     def blocked_hosts(self, now):
         """How many hosts are blocked at ``now``."""
         return sum(1 for until in self.blocked_until.values() if until > now)
+
+
+class HostLimits:
+    """Per client host in one worker: its live connections (HAProxy's sc_conn_cur, nginx's
+    limit_conn) and a token bucket of new connections per second (sc_conn_rate).
+
+    Bounded in memory whatever the sources: ``live`` holds only hosts with a live connection
+    here (a host leaves with its last connection), so it is no larger than the worker's
+    connections; ``buckets`` holds at most ``table`` hosts, the least recently seen forgotten
+    first.  Forgetting a host gives it a full bucket, which it would have after one quiet
+    second anyway; a flood from many sources each keeps to its own rate.  ``max_live`` or
+    ``rate`` 0 turns that limit off; live connections are counted either way (for /status).
+    """
+
+    def __init__(self, max_live, rate, table=HOST_TABLE):
+        self.max_live = max_live
+        self.rate = rate
+        self.burst = max(1.0, float(rate))  # one second's worth
+        self.table = table
+        self.live = {}  # host -> its live connections in this worker
+        self.buckets = collections.OrderedDict()  # host -> (tokens, when), oldest first
+
+    def admit(self, host, now):
+        """A new connection from ``host`` at ``now``: None when it may go on (counted live:
+        ``release`` it at its end), else HOST_LIMIT or HOST_RATE (not counted)."""
+        live = self.live.get(host, 0)
+        if self.max_live and live >= self.max_live:
+            return HOST_LIMIT
+        if self.rate:
+            tokens, when = self.buckets.pop(host, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - when) * self.rate)
+            refused = tokens < 1.0
+            self.buckets[host] = (tokens if refused else tokens - 1.0, now)
+            if len(self.buckets) > self.table:
+                self.buckets.popitem(last=False)
+            if refused:
+                return HOST_RATE
+        self.live[host] = live + 1
+        return None
+
+    def release(self, host):
+        """A connection ``admit`` counted has ended."""
+        live = self.live.pop(host) - 1
+        if live:
+            self.live[host] = live
+
+    def top(self, count):
+        """The ``count`` hosts with the most live connections: [(host, live)], most first."""
+        return heapq.nlargest(count, self.live.items(), key=lambda item: item[1])

@@ -25,6 +25,7 @@ from .sockets import process_usage
 LOGGER = logging.getLogger("gconn.control")
 REQUEST_LIMIT = 256  # bytes: a command line is short
 ANSWER_TIMEOUT = 2.0  # seconds the supervisor waits for one worker's answer
+TOP_HOSTS = 10  # client hosts with the most live connections, per route, in a report
 
 
 def socket_path(directory, pid):
@@ -48,7 +49,8 @@ def route_report(route, now):
             "active": admission.active, "limit": admission.limit,
             "queued": len(admission.waiting), "max_queued": admission.max_queued,
             "admitted": admission.admitted, "shed": dict(admission.shed),
-            "blocked_hosts": route.blocker.blocked_hosts(now), "destinations": destinations}
+            "blocked_hosts": route.blocker.blocked_hosts(now),
+            "top_hosts": route.hosts.top(TOP_HOSTS), "destinations": destinations}
 
 
 class ControlServer:

@@ -28,7 +28,8 @@ class Roster:
 
 def route_totals(reports):
     """Per-route totals over the workers' reports (None for a worker that did not answer):
-    counts summed, and per destination how many workers see it up or down."""
+    counts summed, per destination how many workers see it up or down, and the client hosts
+    with the most live connections (each worker's top ones, summed)."""
     routes = {}
     for report in reports:
         if report is None:
@@ -36,17 +37,22 @@ def route_totals(reports):
         for name, route in report["routes"].items():
             total = routes.setdefault(name, {
                 "address": route["address"], "workers": 0, **dict.fromkeys(ROUTE_COUNTS, 0),
-                "shed": dict.fromkeys(route["shed"], 0), "destinations": {}})
+                "shed": dict.fromkeys(route["shed"], 0), "top_hosts": {}, "destinations": {}})
             total["workers"] += 1
             for key in ROUTE_COUNTS:
                 total[key] += route[key]
             for reason, count in route["shed"].items():
                 total["shed"][reason] += count
+            for host, live in route["top_hosts"]:
+                total["top_hosts"][host] = total["top_hosts"].get(host, 0) + live
             for destination in route["destinations"]:
                 entry = total["destinations"].setdefault(
                     destination["address"], {"up": 0, "down": 0, "active": 0})
                 entry["up" if destination["healthy"] else "down"] += 1
                 entry["active"] += destination["active"]
+    for total in routes.values():  # each worker's top hosts, added up: the top of those
+        total["top_hosts"] = [{"host": host, "connections": live} for host, live in sorted(
+            total["top_hosts"].items(), key=lambda item: -item[1])[:control.TOP_HOSTS]]
     return routes
 
 

@@ -294,13 +294,14 @@ class Pump:
 
     ``run`` does the forwarding in the calling greenlet and returns how it ended:
     ``client_closed`` or ``destination_closed`` (the side that ended first, cleanly or by
-    reset: a reset is recorded in the greenlet's error state) or ``idle_timeout``.  A kill
+    reset: a reset is recorded in the greenlet's error state), ``idle_timeout``, or
+    ``fin_timeout`` (one side ended and the other way stayed quiet past the fin timeout).  A kill
     (GreenletExit) raised while it waits passes through, its watchers closed.  Sockets stay
     open for the session to close.
     """
 
     __slots__ = ("loop", "buffer", "to_destination", "to_client", "active_at", "outcome", "switch",
-                 "first_closer", "finished", "timer", "idle_timeout", "splice")
+                 "first_closer", "finished", "timer", "idle_timeout", "splice", "fin_timeouts")
 
     def __init__(self, client, destination, buffer_size, splice=True):
         self.loop = get_hub().loop
@@ -315,6 +316,7 @@ class Pump:
         self.first_closer = None  # the end of the direction that ended first
         self.timer = None
         self.idle_timeout = 0
+        self.fin_timeouts = (0, 0)  # once the client's / the destination's side has ended
 
     @property
     def bytes_up(self):
@@ -326,18 +328,19 @@ class Pump:
         """Bytes forwarded from the destination to the client so far."""
         return self.to_client.count
 
-    def run(self, idle_timeout=0):
+    def run(self, idle_timeout=0, client_fin_timeout=0, server_fin_timeout=0):
         """Forward until both directions end, the peers fail or nothing moved for
-        ``idle_timeout`` seconds (0: no limit); return the outcome.  Call it from the
-        connection's greenlet: it waits there, never in the hub."""
+        ``idle_timeout`` seconds (0: no limit), or for the fin timeout once the client's /
+        the destination's side ended (0: idle_timeout goes on); return the outcome.  Call it
+        from the connection's greenlet: it waits there, never in the hub."""
         hub = get_hub()
         switch = self.switch = getcurrent().switch
         to_destination, to_client = self.to_destination, self.to_client
         try:
             self.idle_timeout = idle_timeout
+            self.fin_timeouts = (client_fin_timeout, server_fin_timeout)
             if idle_timeout > 0:
-                self.timer = self.loop.timer(idle_timeout)
-                self.timer.start(switch, self.on_timer)
+                self.start_timer(idle_timeout)
             to_destination.reader.start(switch, to_destination.on_readable)
             to_client.reader.start(switch, to_client.on_readable)
             # the client's first bytes are usually waiting already (it sent them while we
@@ -350,22 +353,39 @@ class Pump:
             self.stop()
         return self.outcome
 
+    def start_timer(self, seconds):
+        """(Re)start the one timer of this pump: ``on_timer`` in ``seconds``."""
+        if self.timer is not None:
+            self.timer.close()
+        self.timer = self.loop.timer(seconds)
+        self.timer.start(self.switch, self.on_timer)
+
     def on_timer(self):
-        """Close when no byte moved for idle-timeout; else wait out the rest of it."""
+        """Close when no byte moved for idle-timeout (the fin timeout once one side has
+        ended); else wait out the rest of it."""
         quiet = self.loop.now() - self.active_at
-        if quiet >= self.idle_timeout:
+        if quiet < self.idle_timeout:
+            self.start_timer(self.idle_timeout - quiet)
+        elif self.finished:
+            side = "client" if self.first_closer == "client_closed" else "destination"
+            local.set_error("fin_timeout", f"half-closed: no byte for {self.idle_timeout:g}s "
+                                           f"after the {side} ended its side")
+            self.outcome = "fin_timeout"
+        else:
             local.set_error("idle_timeout", f"no byte either way for {self.idle_timeout:g}s")
             self.outcome = "idle_timeout"
-        else:
-            self.timer.close()
-            self.timer = self.loop.timer(self.idle_timeout - quiet)
-            self.timer.start(self.switch, self.on_timer)
 
     def flow_finished(self, flow):
-        """One direction ended cleanly; the first one to end names who closed."""
+        """One direction ended cleanly; the first one to end names who closed, and from then
+        on the fin timeout of its side (when set) is how long the other way may be quiet."""
         self.finished += 1
         if self.first_closer is None:
             self.first_closer = "client_closed" if flow.from_client else "destination_closed"
+            fin_timeout = self.fin_timeouts[0 if flow.from_client else 1]
+            if fin_timeout > 0 and (self.idle_timeout <= 0 or fin_timeout < self.idle_timeout):
+                self.idle_timeout = fin_timeout
+                self.active_at = self.loop.now()
+                self.start_timer(fin_timeout)
         if self.finished == 2:
             self.outcome = self.first_closer
 

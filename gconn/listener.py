@@ -1,11 +1,12 @@
 """A route's acceptor: a gevent StreamServer that spawns one greenlet per client into the
 route's forwarding pool, or sheds the client at once.
 
-The accept path runs in the hub and never waits: a client from a blocked host is shed
-(``blocked_host``), and so is every client while the pool is full (``queue_full``: the pool is
-sized max-connections + max-queued, so a full pool means a full queue), with the shed-message
-and an access line.  Anything else is spawned into the pool, where its greenlet (session.py)
-does all the rest.
+The accept path runs in the hub and never waits: a client allow-from / deny-from refuse is
+closed (``denied``); a client from a blocked host is shed (``blocked_host``), and so is every
+client while the pool is full (``queue_full``: the pool is sized max-connections +
+max-queued, so a full pool means a full queue) and one whose host is over its per-host
+limits (``host_limit``, ``host_rate``), with the shed-message and an access line.  Anything
+else is spawned into the pool, where its greenlet (session.py) does all the rest.
 Accept errors are sorted by class (gevent ``BaseServer._do_read``, trio
 ``_serve_one_listener``): EBADF/EINVAL/ENOTSOCK close the listener (gevent does that);
 EMFILE/ENFILE/ENOBUFS/ENOMEM mean the process is out of a resource.  The worker does not wait
@@ -24,7 +25,7 @@ import time
 
 from gevent.server import StreamServer
 
-from .admission import BLOCKED_HOST, QUEUE_FULL
+from .admission import BLOCKED_HOST, DENIED, QUEUE_FULL
 from .sockets import RESOURCE_ERRORS, client_host, descriptor_capacity
 
 LOGGER = logging.getLogger("gconn.listener")
@@ -80,22 +81,36 @@ class Acceptor(StreamServer):
         """Spawn the client's greenlet into the pool, or shed it at once (never waits)."""
         route = self.route
         route.accepted += 1
-        # behind a balancer (accept-proxy) the peer is the balancer: the connection's
-        # greenlet checks the client its PROXY header names instead
-        if not route.checks_host_later and route.blocker.blocked(client_host(address),
-                                                           time.monotonic()):
-            route.admission.count_shed(BLOCKED_HOST)
-            return route.shed(client, address, BLOCKED_HOST,
-                              "client host blocked after max-connect-errors failures")
+        # behind a balancer (accept-proxy) the peer is the balancer, and on a bind shared by
+        # server name the route is not known yet: the connection's greenlet checks the
+        # client host (the one its PROXY header names) instead
+        host = None if route.checks_host_later else client_host(address)
+        if host is not None:
+            if route.filters_hosts and route.denies(host):
+                route.admission.count_shed(DENIED)
+                return route.deny(client, address)
+            now = time.monotonic()
+            if route.blocker.blocked(host, now):
+                route.admission.count_shed(BLOCKED_HOST)
+                return route.shed(client, address, BLOCKED_HOST,
+                                  "client host blocked after max-connect-errors failures")
         if self.pool.full():
             route.admission.count_shed(QUEUE_FULL)
             return route.shed(client, address, QUEUE_FULL,
                               f"all {self.pool.size} places (active and queued) taken")
+        if host is not None and host != "unix":
+            reason, why = route.host_limited(host, now)
+            if reason is not None:
+                return route.shed(client, address, reason, why)
+        else:
+            host = None
         self.registry.spawned()
         try:
-            self._spawn(route.serve, client, address)
+            self._spawn(route.serve, client, address, host)
         except BaseException:  # the greenlet will never finish this client: nobody else closes
             self.registry.unspawned()
+            if host is not None:
+                route.hosts.release(host)
             client.close()
             raise
 

@@ -15,17 +15,17 @@ import time
 from gevent.pool import Pool
 
 from . import local, metrics
-from .admission import Admission, HostBlocker
+from .admission import DENIED, HOST_LIMIT, Admission, HostBlocker, HostLimits
 from .destinations import RouteDestinations
 from .errors import DestinationUnavailable
 from .health import HealthChecks
 from .listener import Acceptor
 from .local import ConnectionContext
 from .log import log_access
-from .protocols import refusal, tls
+from .protocols import proxy, refusal, tls
 from .protocols.sni import ServerNames
 from .session import Session
-from .sockets import bound_address, client_host, listen, peer_name
+from .sockets import bound_address, client_host, keepalive_options, listen, peer_name
 
 LOGGER = logging.getLogger("gconn.route")
 
@@ -45,6 +45,12 @@ class Route:
         self.health = HealthChecks(self)
         self.admission = Admission(config.max_connections, config.max_queued)
         self.blocker = HostBlocker(config.max_connect_errors, config.blocked_host_time)
+        self.hosts = HostLimits(config.max_connections_per_host,
+                                config.max_connect_rate_per_host)
+        self.filters_hosts = bool(config.allow_from or config.deny_from)
+        # socket options of both sides: keepalive, TCP_USER_TIMEOUT (the client's come from
+        # the listener, whose accepted sockets inherit them)
+        self.socket_options = keepalive_options(config)
         self.reads_proxy = config.accept_proxy != "no"  # a PROXY header first, then the rest
         self.sni = None  # on a server-names bind: which route serves which name (sni.py)
         self.tls = None  # the SSLContext of a route that terminates TLS (tls.py)
@@ -72,7 +78,8 @@ class Route:
             self.address = shares.address
             return
         self.owns_address = listener is None  # an inherited unix listener is the supervisor's
-        self.socket = listener or listen(config.bind, config.backlog, reuse_port=reuse_port)
+        self.socket = listener or listen(config.bind, config.backlog, reuse_port=reuse_port,
+                                         options=self.socket_options)
         self.address = bound_address(self.socket, config.bind)
         self.server = Acceptor(self.socket, self)
 
@@ -85,15 +92,51 @@ class Route:
         self.sni = ServerNames(named, default)
         self.checks_host_later = True
 
-    def serve(self, client, address):
-        """The body of one connection's greenlet (the acceptor spawns it into the pool)."""
+    def serve(self, client, address, host=None):
+        """The body of one connection's greenlet (the acceptor spawns it into the pool);
+        ``host``: the client host the acceptor counted in ``hosts`` for it."""
         try:
             session = Session(self, client, address)
         except BaseException:  # no session to finish this client: close it here
             self.registry.unspawned()
+            if host is not None:
+                self.hosts.release(host)
             client.close()
             raise
+        session.counted_host = host
         session.run()
+
+    def denies(self, host):
+        """Whether allow-from / deny-from refuse client ``host`` (a unix-socket peer, which
+        the socket file's permissions let in, never)."""
+        if host == "unix":
+            return False
+        config = self.config
+        if config.allow_from and not proxy.in_networks(host, config.allow_from):
+            return True
+        return bool(config.deny_from) and proxy.in_networks(host, config.deny_from)
+
+    def host_limited(self, host, now):
+        """Count a new connection from ``host`` (not a unix-socket peer) in ``hosts``: None
+        when it may go on, else the shed reason, counted, and why."""
+        reason = self.hosts.admit(host, now)
+        if reason is None:
+            return None, None
+        self.admission.count_shed(reason)
+        config = self.config
+        if reason == HOST_LIMIT:
+            return reason, (f"client host {host} holds {config.max_connections_per_host} "
+                            f"connections already (max-connections-per-host)")
+        return reason, (f"client host {host} opens connections faster than "
+                        f"{config.max_connect_rate_per_host}/s (max-connect-rate-per-host)")
+
+    def deny(self, client, address):
+        """Close a client allow-from / deny-from refuse, at once and without a word (counted
+        already), with its access line."""
+        client.close()
+        context = ConnectionContext(self.registry.next_id(), self.name, peer_name(address))
+        log_access(context, DENIED, 0.0, f"client host {client_host(address)} denied by "
+                                         f"allow-from / deny-from")
 
     def connect_tls(self, connection, destination):
         """The TLS handshake with ``destination`` on the freshly connected ``connection``,
@@ -158,6 +201,8 @@ class Route:
                                self.config.blocked_host_time, self.config.max_connect_errors)
         elif session.context.bytes_up:
             self.blocker.succeeded(host)
+        if session.counted_host is not None:
+            self.hosts.release(session.counted_host)
         self.ended[end] = self.ended.get(end, 0) + 1
         metrics.observe("session_seconds", self.name, duration)
 

@@ -27,7 +27,7 @@ from gevent.event import Event
 from greenlet import getcurrent
 
 from . import local, metrics
-from .admission import ADMIT, BLOCKED_HOST, NO_DESTINATION, QUEUE, QUEUE_TIMEOUT
+from .admission import ADMIT, BLOCKED_HOST, DENIED, NO_DESTINATION, QUEUE, QUEUE_TIMEOUT
 from .errors import DestinationUnavailable, ResourceExhausted, Shed
 from .forward import Pump
 from .log import log_access
@@ -51,7 +51,7 @@ def connect_destination(route, candidates, prepare):
         begun = time.monotonic()
         try:
             connection = connect(destination.address, route.config.connect_timeout,
-                                 route.config.source)
+                                 route.config.source, route.socket_options)
         except DestinationUnavailable as error:
             destination_failed(route, destination, error, failures)
             continue
@@ -99,7 +99,7 @@ class Session:
 
     __slots__ = ("route", "client", "address", "context", "started", "greenlet", "upstream",
                  "destination", "pump", "has_slot", "woken", "addressed", "hello",
-                 "tls_end")
+                 "tls_end", "counted_host")
 
     def __init__(self, route, client, address):
         self.route = route
@@ -117,6 +117,7 @@ class Session:
         self.addressed = None  # where the client connected to, as a received PROXY header said
         self.hello = b""  # the ClientHello bytes read to pick the route: forwarded first
         self.tls_end = None  # the client's side through terminated TLS (protocols/tls.py)
+        self.counted_host = None  # the client host counted live in the route's HostLimits
 
     def run(self):
         """The connection's greenlet: slot, destination, forward, finish; never raises."""
@@ -166,10 +167,8 @@ class Session:
             self.read_proxy_header()
         if route.sni is not None:
             route = self.pick_route_by_server_name()
-        if route.checks_host_later and route.blocker.blocked(client_host(self.address),
-                                                             time.monotonic()):
-            route.admission.count_shed(BLOCKED_HOST)
-            raise Shed(BLOCKED_HOST, "client host blocked after max-connect-errors failures")
+        if route.checks_host_later:
+            self.check_host(route)
         if route.tls is not None:
             self.terminate_tls()
         decision = route.admission.arrive(self)  # counts a queue_full shed itself
@@ -200,7 +199,25 @@ class Session:
         else:  # plaintext comes out of a TLS session, not the socket: nothing to splice
             self.pump = Pump(self.tls_end or self.client, upstream_end, config.buffer_size,
                              splice=False)
-        return self.pump.run(config.idle_timeout)
+        return self.pump.run(config.idle_timeout, config.client_fin_timeout,
+                             config.server_fin_timeout)
+
+    def check_host(self, route):
+        """What the acceptor checks when it knows the client host and route: allow-from /
+        deny-from, a blocked host, the per-host limits (the host is then counted live)."""
+        host = client_host(self.address)
+        if route.filters_hosts and route.denies(host):
+            route.admission.count_shed(DENIED)
+            raise Shed(DENIED, f"client host {host} denied by allow-from / deny-from")
+        now = time.monotonic()
+        if route.blocker.blocked(host, now):
+            route.admission.count_shed(BLOCKED_HOST)
+            raise Shed(BLOCKED_HOST, "client host blocked after max-connect-errors failures")
+        if host != "unix":
+            reason, why = route.host_limited(host, now)
+            if reason is not None:
+                raise Shed(reason, why)
+            self.counted_host = host
 
     def read_proxy_header(self):
         """The route's first step behind a balancer: believe a PROXY header only from
@@ -313,9 +330,11 @@ class Session:
         self.woken.set()
 
     def refuse(self, reason, why):
-        """Refuse this client before forwarding (already counted): record why, tell it."""
+        """Refuse this client before forwarding (already counted): record why, tell it
+        (a denied client is told nothing)."""
         local.set_error(reason, why)
-        self.tell(reason)
+        if reason != DENIED:
+            self.tell(reason)
         return reason
 
     def tell(self, reason):

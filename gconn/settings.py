@@ -419,6 +419,19 @@ SETTINGS = (
             "consecutive failed connections after which a client host is blocked; 0: never"),
     Setting("blocked-host-time", ROUTE, duration_at_least(0.001, "1ms"), "1m",
             "how long a blocked client host is refused"),
+    Setting("allow-from", ROUTE, parse_networks, "",
+            "addresses and CIDR blocks that may connect (IPv4-mapped IPv6 peers match IPv4 "
+            "blocks); anyone else is closed at accept, counted as denied; empty: everyone. "
+            "With accept-proxy the client a PROXY header names is checked"),
+    Setting("deny-from", ROUTE, parse_networks, "",
+            "addresses and CIDR blocks closed at accept, counted as denied (checked after "
+            "allow-from)"),
+    Setting("max-connections-per-host", ROUTE, integer_between(0, 10_000_000), "0",
+            "live connections one client host may hold in each worker (nginx limit_conn); "
+            "more are shed as host_limit; 0: no limit"),
+    Setting("max-connect-rate-per-host", ROUTE, integer_between(0, 10_000_000), "0",
+            "new connections per second one client host may open in each worker, a token "
+            "bucket holding a second's worth; more are shed as host_rate; 0: no limit"),
     Setting("client-connect-timeout", ROUTE, parse_duration, "9s",
             "a client that closes within this without sending a byte counts as a failure"),
     Setting("check-interval", ROUTE, parse_duration, "0",
@@ -442,6 +455,25 @@ SETTINGS = (
             "how long a destination that failed to connect is skipped before it is tried again"),
     Setting("idle-timeout", ROUTE, parse_duration, "8h",
             "no byte either way for this long closes both sides; 0 turns it off"),
+    Setting("client-fin-timeout", ROUTE, parse_duration, "0",
+            "once the client has ended its side (FIN), the other way may be quiet this long "
+            "before both are closed (HAProxy's timeout client-fin); 0: idle-timeout applies"),
+    Setting("server-fin-timeout", ROUTE, parse_duration, "0",
+            "once the destination has ended its side (FIN), the other way may be quiet this "
+            "long before both are closed (HAProxy's timeout server-fin); 0: idle-timeout "
+            "applies"),
+    Setting("tcp-keepalive", ROUTE, parse_boolean, "yes",
+            "TCP keepalive probes on both sides, so a peer that vanished without a FIN is "
+            "found (HAProxy's clitcpka/srvtcpka)"),
+    Setting("tcp-keepalive-idle", ROUTE, duration_at_least(1.0, "1s"), "2m",
+            "with tcp-keepalive: quiet time before the first probe (whole seconds)"),
+    Setting("tcp-keepalive-interval", ROUTE, duration_at_least(1.0, "1s"), "20s",
+            "with tcp-keepalive: time between unanswered probes (whole seconds)"),
+    Setting("tcp-keepalive-count", ROUTE, integer_between(1, 127), "3",
+            "with tcp-keepalive: unanswered probes after which the connection is dead"),
+    Setting("tcp-user-timeout", ROUTE, parse_duration, "0",
+            "sent data left unacknowledged this long ends the connection on either side "
+            "(TCP_USER_TIMEOUT); 0: the kernel's retransmission limits (about 15 minutes)"),
     Setting("buffer-size", ROUTE, size_between(1024, 16 * MIB, "1k to 16m"), "64k",
             "bytes read from one side at a time; also the most held for a slow reader"),
     Setting("splice", ROUTE, parse_boolean, "yes",

@@ -28,11 +28,29 @@ RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 DESCRIPTOR_RESERVE = 64  # descriptors a worker keeps for logs, listeners, health checks, admin
 
 
-def listen(address, backlog, reuse_port=False, listening=True):
+def keepalive_options(config):
+    """The socket options (level, name, value) a route's config asks of both sides of its
+    TCP connections: keepalive probes and TCP_USER_TIMEOUT."""
+    options = []
+    if config.tcp_keepalive:
+        options += [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, int(config.tcp_keepalive_idle)),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL,
+                     int(config.tcp_keepalive_interval)),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, config.tcp_keepalive_count)]
+    if config.tcp_user_timeout > 0:
+        options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                        max(1, int(config.tcp_user_timeout * 1000))))
+    return tuple(options)
+
+
+def listen(address, backlog, reuse_port=False, listening=True, options=()):
     """A listening socket on ``address``; StartupError names the address when the OS refuses.
 
     With ``listening=False`` the socket is only bound: it holds the port (with ``reuse_port``,
-    for the workers' own listeners to join) without taking any connection.
+    for the workers' own listeners to join) without taking any connection.  ``options``
+    (keepalive_options) are set on a TCP listener: the sockets it accepts inherit them, so
+    no accepted connection pays for them.
     """
     if address.family == "unix":
         return _listen_unix(address, backlog)
@@ -49,6 +67,8 @@ def listen(address, backlog, reuse_port=False, listening=True):
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        for option in options:
+            listener.setsockopt(*option)
         listener.bind(sockaddr)
         if listening:
             listener.listen(backlog)
@@ -95,10 +115,11 @@ def _describe_bind_error(address, error):
     return f"cannot listen on {address}: {error.strerror or error}"
 
 
-def connect(address, timeout, source=None):
+def connect(address, timeout, source=None, options=()):
     """A connected, non-blocking OS socket to ``address`` within ``timeout`` seconds, owned by
     the caller; waits cooperatively in the calling greenlet (never call it from the hub).
-    With ``source`` (an IP address) a TCP connection leaves from that address.
+    With ``source`` (an IP address) a TCP connection leaves from that address; ``options``
+    (keepalive_options) are set on a TCP connection before it connects.
 
     The socket is a plain ``_socket.socket`` (what the pump and the session use), not gevent's
     wrapper: creating and closing the wrapper, its two watchers and its timeout machinery was
@@ -109,7 +130,7 @@ def connect(address, timeout, source=None):
     refused, reset or not resolvable, ResourceExhausted when this process is out of
     descriptors or ports.
     """
-    attempt = begin_connect(address, source)
+    attempt = begin_connect(address, source, options)
     if attempt is not None:
         return complete_connect(attempt, address, timeout)
     try:
@@ -119,13 +140,14 @@ def connect(address, timeout, source=None):
     failure = DestinationUnavailable(f"{address}: no address")
     for family, _, _, _, target in infos:  # each address gets the whole timeout (as
         try:  # socket.create_connection): a blackholed AAAA record must not hide the A one
-            return complete_connect(_start_connect(family, target, source), address, timeout)
+            return complete_connect(_start_connect(family, target, source, options), address,
+                                    timeout)
         except DestinationUnavailable as error:  # a timeout too: try the next address
             failure = error
     raise failure
 
 
-def begin_connect(address, source=None):
+def begin_connect(address, source=None, options=()):
     """Start connecting to an IP-literal or unix ``address`` without waiting: an attempt for
     ``complete_connect``, or None when ``address`` is a name to resolve.  An attempt whose
     code is 0 is connected already (on loopback the handshake is over when connect returns)."""
@@ -133,12 +155,13 @@ def begin_connect(address, source=None):
     if family is None:
         return None
     target = address.path if family == socket.AF_UNIX else (address.host, address.port)
-    return _start_connect(family, target, source)
+    return _start_connect(family, target, source, options)
 
 
-def _start_connect(family, target, source=None):
+def _start_connect(family, target, source=None, options=()):
     """(socket or None, errno code, target): a new non-blocking socket's connect, begun; from
-    ``source`` when given (a TCP connection; a unix one ignores it)."""
+    ``source`` and with the socket ``options`` when given (a TCP connection; a unix one
+    ignores both)."""
     try:
         connection = _socket.socket(family, _NONBLOCKING_STREAM)
     except OSError as error:
@@ -146,11 +169,14 @@ def _start_connect(family, target, source=None):
     try:
         if not _SOCK_NONBLOCK:
             connection.setblocking(False)
-        if source and family != socket.AF_UNIX:
-            # the port is picked at connect, per destination, not at bind: the source
-            # address's ephemeral ports are not used up one per connection (Linux 4.2+)
-            connection.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            connection.bind((source, 0))
+        if family != socket.AF_UNIX:
+            for option in options:
+                connection.setsockopt(*option)
+            if source:
+                # the port is picked at connect, per destination, not at bind: the source
+                # address's ephemeral ports are not used up one per connection (Linux 4.2+)
+                connection.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                connection.bind((source, 0))
         code = connection.connect_ex(target)
     except (OSError, ValueError) as error:  # an address the OS refuses outright (too long)
         connection.close()

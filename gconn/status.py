@@ -39,6 +39,9 @@ def render(totals):
         lines.append(f"{name:<16} {route['address']:<22} "
                      f"{route['active']:>6}/{route['limit']:<7} {route['queued']:>8} "
                      f"{route['admitted']:>9}  {shed}  {destinations}")
+        if route.get("top_hosts"):
+            lines.append("  top client hosts: " + ", ".join(
+                f"{entry['host']}={entry['connections']}" for entry in route["top_hosts"]))
     return "\n".join(lines)
 
 

@@ -70,10 +70,13 @@ class Sink:
 
     def drain(self, connection):
         with connection:
-            while data := connection.recv(1 << 20):
-                self.received += len(data)
-                if self.goal is not None and self.received >= self.goal:
-                    self.done.set()
+            try:
+                while data := connection.recv(1 << 20):
+                    self.received += len(data)
+                    if self.goal is not None and self.received >= self.goal:
+                        self.done.set()
+            except ConnectionResetError:  # the proxy was stopped after the run: over anyway
+                pass
 
     def serve(self):
         while True:

@@ -51,6 +51,12 @@ def refusal(reason, route, host, bind):
     """The error packet for a client refused for ``reason`` (an admission shed reason)."""
     if reason in ("queue_full", "queue_timeout"):
         return error_packet(TOO_MANY_CONNECTIONS, f"Too many connections to gconn route {route}")
+    if reason == "host_limit":
+        return error_packet(TOO_MANY_CONNECTIONS, f"Too many connections from host '{host}' "
+                                                  f"to gconn route {route}")
+    if reason == "host_rate":
+        return error_packet(TOO_MANY_CONNECTIONS, f"Too many new connections per second from "
+                                                  f"host '{host}' to gconn route {route}")
     if reason == "blocked_host":
         return error_packet(HOST_BLOCKED, f"Host '{host}' is blocked because of many "
                                           f"connection errors (gconn route {route})")

@@ -37,6 +37,12 @@ def refusal(reason, route, host):
     if reason in ("queue_full", "queue_timeout"):
         return error_response(TOO_MANY_CONNECTIONS,
                               f"sorry, too many clients already (gconn route {route})")
+    if reason == "host_limit":
+        return error_response(TOO_MANY_CONNECTIONS, f"too many connections from host {host} "
+                                                    f"(gconn route {route})")
+    if reason == "host_rate":
+        return error_response(TOO_MANY_CONNECTIONS, f"too many new connections per second "
+                                                    f"from host {host} (gconn route {route})")
     if reason == "blocked_host":
         return error_response(REJECTED, f"host {host} is blocked because of many connection "
                                          f"errors (gconn route {route})")

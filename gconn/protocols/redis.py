@@ -14,6 +14,12 @@ def refusal(reason, route, host):
     """The error reply for a client refused for ``reason`` (an admission shed reason)."""
     if reason in ("queue_full", "queue_timeout"):
         return error_reply(BUSY)
+    if reason == "host_limit":
+        return error_reply(f"too many connections from client host {host} (gconn route "
+                           f"{route})")
+    if reason == "host_rate":
+        return error_reply(f"too many new connections per second from client host {host} "
+                           f"(gconn route {route})")
     if reason == "blocked_host":
         return error_reply(f"client host {host} is blocked because of many connection errors "
                            f"(gconn route {route})")

@@ -1,10 +1,10 @@
 """What a refused client is told, in the protocol its route speaks (the route's ``protocol``).
 
-A client shed before it is forwarded (queue_full, queue_timeout, blocked_host, no_destination)
-or whose destinations all failed (connect_failed) hears why in words its client library shows:
-``tcp`` sends the route's shed-message, ``mysql`` an error packet, ``postgres`` an
-ErrorResponse after reading the startup packet, ``redis`` an ``-ERR`` reply.  ``message``
-is pure; ``refuse`` runs in the refused connection's greenlet and never raises.
+A client shed before it is forwarded (queue_full, queue_timeout, blocked_host, host_limit,
+host_rate, no_destination) or whose destinations all failed (connect_failed) hears why in
+words its client library shows: ``tcp`` sends the route's shed-message, ``mysql`` an error
+packet, ``postgres`` an ErrorResponse after reading the startup packet, ``redis`` an ``-ERR``
+reply.  ``message`` is pure; ``refuse`` runs in the refused connection's greenlet and never raises.
 """
 
 import time
