@@ -218,12 +218,13 @@ def worker_report(active, healthy):
         "greenlets": active + 1, "pool_size": 35, "accept_pauses": 1, "active": active,
         "limit": 25, "queued": 1, "max_queued": 10, "admitted": 7 * active, "blocked_hosts": 0,
         "shed": {"queue_full": active, "queue_timeout": 0},
+        "top_hosts": [["10.0.0.1", active], ["10.0.0.%d" % active, 1]],
         "destinations": [{"address": "127.0.0.1:9001", "healthy": healthy, "active": active}]}}}
 
 
 def test_route_totals_sum_the_workers_that_answered():
-    """/status totals: counts and shed reasons summed, a destination up/down per worker, a
-    worker that did not answer left out."""
+    """/status totals: counts and shed reasons summed, a destination up/down per worker, the
+    top client hosts summed, a worker that did not answer left out."""
     totals = route_totals([worker_report(3, True), None, worker_report(2, False)])
     assert totals == {"default": {
         "address": "127.0.0.1:6446", "workers": 2, "greenlets": 7, "pool_size": 70,
@@ -231,6 +232,9 @@ def test_route_totals_sum_the_workers_that_answered():
         "active": 5, "limit": 50, "queued": 2,
         "max_queued": 20, "admitted": 35, "blocked_hosts": 0,
         "shed": {"queue_full": 5, "queue_timeout": 0},
+        "top_hosts": [{"host": "10.0.0.1", "connections": 5},
+                      {"host": "10.0.0.3", "connections": 1},
+                      {"host": "10.0.0.2", "connections": 1}],
         "destinations": {"127.0.0.1:9001": {"up": 1, "down": 1, "active": 5}}}}
 
 

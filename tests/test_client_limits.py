@@ -140,6 +140,7 @@ def test_redis_client_over_its_host_limit_reads_why(start_daemon):
     finally:
         server.kill()
         server.wait()
+        server.stdout.close()
 
 
 def test_allow_and_deny_close_at_accept_without_a_word(start_echo, start_daemon):
