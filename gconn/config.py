@@ -29,7 +29,8 @@ from .settings import BY_NAME, PROCESS_SETTINGS, ROUTE_ONLY, ROUTE_SETTINGS, SET
 DEFAULT_ROUTE_NAME = "default"  # the route made of --bind and --destination
 # what routes sharing a bind must agree on: what happens before a server name picks the route
 BIND_SHARED = ("backlog", "accept-proxy", "accept-proxy-from", "proxy-header-timeout",
-               "tls-handshake-timeout")
+               "tls-handshake-timeout", "tcp-keepalive", "tcp-keepalive-idle",
+               "tcp-keepalive-interval", "tcp-keepalive-count", "tcp-user-timeout")
 GCONN_KEYS = tuple(s.name for s in SETTINGS if s.scope != ROUTE_ONLY)  # allowed in [gconn]
 ROUTE_KEYS = tuple(s.name for s in ROUTE_SETTINGS)  # allowed in [route:NAME]
 # ConfigArgParse's names for where a value came from (get_source_to_settings_dict's keys)
