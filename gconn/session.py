@@ -167,7 +167,7 @@ class Session:
             self.read_proxy_header()
         if route.sni is not None:
             route = self.pick_route_by_server_name()
-        if route.checks_host_later:
+        if route.owner.checks_host_later:  # the acceptor left it to this greenlet
             self.check_host(route)
         if route.tls is not None:
             self.terminate_tls()

@@ -218,7 +218,7 @@ def worker_report(active, healthy):
         "greenlets": active + 1, "pool_size": 35, "accept_pauses": 1, "active": active,
         "limit": 25, "queued": 1, "max_queued": 10, "admitted": 7 * active, "blocked_hosts": 0,
         "shed": {"queue_full": active, "queue_timeout": 0},
-        "top_hosts": [["10.0.0.1", active], ["10.0.0.%d" % active, 1]],
+        "top_hosts": [["10.0.0.1", active], [f"10.0.0.{active}", 1]],
         "destinations": [{"address": "127.0.0.1:9001", "healthy": healthy, "active": active}]}}}
 
 

@@ -206,3 +206,24 @@ def test_a_full_route_on_a_shared_bind_sheds_only_its_own_clients(start_daemon, 
         other, tag = tls_client(ca, port, "b.example")
         other.close()
         assert tag == "b"
+
+
+def test_host_checks_apply_on_the_route_a_server_name_picks(start_daemon, tls_echo, ca,
+                                                          tmp_path):
+    """Route b shares route a's listener: b's deny-from and per-host limit are checked in the
+    connection's greenlet once the name picked b (the acceptor cannot know the route)."""
+    a = tls_echo("a", "a.example")
+    b = tls_echo("b", "b.example")
+    port = free_port()
+    config = shared_port_config(port, {"a": ("a.example", a.address),
+                                       "b": ("b.example", b.address)})
+    config = config.replace("[route:b]\n", "[route:b]\ndeny-from = 127.0.0.0/8\n")
+    daemon = start_daemon(config=config, tmp=str(tmp_path))
+    since = daemon.mark()
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        tls_client(ca, port, "b.example")
+    line = fields(daemon.wait_line(lambda text: " end=" in text, since=since))
+    assert line["end"] == "denied" and line["route"] == "b"
+    held, tag = tls_client(ca, port, "a.example")  # route a denies nobody
+    held.close()
+    assert tag == "a"
