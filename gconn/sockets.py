@@ -28,10 +28,14 @@ RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 DESCRIPTOR_RESERVE = 64  # descriptors a worker keeps for logs, listeners, health checks, admin
 
 
-def keepalive_options(config):
+def keepalive_options(config, switch_off=False):
     """The socket options (level, name, value) a route's config asks of both sides of its
-    TCP connections: keepalive probes and TCP_USER_TIMEOUT."""
+    TCP connections: keepalive probes and TCP_USER_TIMEOUT.  With ``switch_off`` also those
+    that turn off what the config leaves off (for a socket that had them on before)."""
     options = []
+    if switch_off:
+        options += [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0),
+                    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0)]
     if config.tcp_keepalive:
         options += [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
                     (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, int(config.tcp_keepalive_idle)),

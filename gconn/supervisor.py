@@ -30,7 +30,7 @@ from .errors import ConfigError, StartupError
 from .fleet import Fleet, Roster
 from .heartbeat import Heartbeats
 from .protocols import tls
-from .sockets import connections_per_process, listen, raise_open_files_limit
+from .sockets import connections_per_process, keepalive_options, listen, raise_open_files_limit
 from .worker import worker_process
 
 LOGGER = logging.getLogger("gconn.supervisor")
@@ -39,6 +39,10 @@ LOOP_TICK = 0.5  # seconds the supervisor waits for a signal before checking its
 STARTING_TICK = 0.02  # the same while a generation of workers is starting
 RESTART_BACKOFF_MIN = 0.1  # seconds before restarting a worker that died young
 RESTART_BACKOFF_MAX = 10.0  # the longest wait between restarts of a worker that keeps dying
+# a dead worker's listening sockets keep their clients queued for its replacement when that
+# comes within this many seconds; a worker kept down longer (dying young again and again)
+# has them closed, so that new clients go to the other workers
+HOLD_FOR_REPLACEMENT = 1.0
 EXPIRY_WARNING = datetime.timedelta(days=7)  # a certificate closer to its end is logged
 YOUNG = 5.0  # seconds: a worker that dies younger than this counts towards backoff
 KILL_GRACE = 5.0  # seconds between TERM and KILL for a worker that overruns its drain
@@ -141,6 +145,11 @@ class Supervisor:
         self.signals = Queue()
         self.heartbeats = Heartbeats()
         self.reservations = {}  # reservation_key(route) -> socket holding the route's address
+        # (str(bind), worker index) -> the listening socket that worker index accepts from in
+        # every generation (nginx's master keeps its reuseport sockets the same way): a
+        # reload's or a replacement's worker accepts what queued in its predecessor's, which
+        # closing a socket of the SO_REUSEPORT group would have reset
+        self.slot_listeners = {}
         self.restart_after = {}  # worker index -> monotonic time its replacement may start
         self.deaths = {}  # worker index -> consecutive young deaths
         self.stopping = False
@@ -261,6 +270,7 @@ class Supervisor:
             return
         LOGGER.info("reloading: generation %d", self.generation + 1)
         self.config = config
+        self.prune_slot_listeners()
         self.check_capacity(config)
         self.outgoing.extend(w for w in self.workers.values() if not w.retiring)
         self.generation += 1
@@ -289,6 +299,8 @@ class Supervisor:
         self.stopping = True
         for key in list(self.reservations):
             self.release_reservation(key)
+        for key in list(self.slot_listeners):
+            self.slot_listeners.pop(key).close()
         self.outgoing.clear()
         self.retire(list(self.workers.values()), signum, grace)
 
@@ -326,8 +338,46 @@ class Supervisor:
                 continue
             self.spawn_worker(index)
 
+    def listeners_for(self, index):
+        """Worker ``index``'s listening sockets of the TCP routes (str(bind) -> socket): made
+        on first use, then kept across generations and replacements, their options and
+        backlog brought to the current config.  StartupError when the OS refuses one."""
+        listeners = {}
+        for route in self.config.routes:
+            name = str(route.bind)
+            if route.bind.family != "tcp" or name in listeners:  # shared by server name
+                continue
+            key = (name, index)
+            listener = self.slot_listeners.get(key)
+            if listener is None:
+                listener = listen(route.bind, route.backlog, reuse_port=True,
+                                  options=keepalive_options(route))
+                self.slot_listeners[key] = listener
+            else:  # a reload may have changed them; accepted sockets inherit them
+                for option in keepalive_options(route, switch_off=True):
+                    listener.setsockopt(*option)
+                listener.listen(route.backlog)
+            listeners[name] = listener
+        return listeners
+
+    def prune_slot_listeners(self, index=None):
+        """Close the kept listening sockets no worker of the current config will take over
+        (a route gone or moved, a worker index beyond ``workers``), or worker ``index``'s."""
+        binds = {str(route.bind) for route in self.config.routes}
+        count = worker_count(self.config)
+        for key in list(self.slot_listeners):
+            name, number = key
+            if name not in binds or number >= count or number == index:
+                self.slot_listeners.pop(key).close()
+
     def spawn_worker(self, index):
         """Fork one worker; the child never returns from here."""
+        try:
+            listeners = self.listeners_for(index)
+        except StartupError as error:
+            LOGGER.error("worker %d not started: %s; retrying", index, error)
+            self.restart_after[index] = time.monotonic() + RESTART_BACKOFF_MAX
+            return
         slot = self.heartbeats.take()
         if slot is None:
             LOGGER.error("no heartbeat slot free for worker %d; retrying", index)
@@ -343,13 +393,14 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
             raise
         if pid == 0:
-            self.become_worker(index, slot, supervisor_pid)
+            self.become_worker(index, slot, supervisor_pid, listeners)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         self.workers[pid] = WorkerProcess(index, self.generation, pid, slot, time.monotonic())
         LOGGER.info("worker %d started pid=%d generation=%d", index, pid, self.generation)
 
-    def become_worker(self, index, slot, supervisor_pid):
-        """In the forked child: drop the supervisor's signals, run a worker, never return."""
+    def become_worker(self, index, slot, supervisor_pid, listeners):
+        """In the forked child: drop the supervisor's signals, run a worker on ``listeners``
+        (its TCP listening sockets), never return."""
         code = 1
         try:
             for handle in self.signal_handles:
@@ -360,12 +411,15 @@ class Supervisor:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker reopens logs
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # TERM now: default exit
-            listeners = {}
+            listeners = dict(listeners)
             for key, holder in self.reservations.items():
                 if key.startswith("unix:"):
                     listeners[key] = holder  # the shared unix listener
                 else:
                     holder.close()  # the port reservation stays with the supervisor
+            for listener in self.slot_listeners.values():  # the other workers' stay theirs
+                if listener not in listeners.values():
+                    listener.close()
             if self.admin is not None:
                 self.admin.abandon()  # the admin endpoint is the supervisor's alone
             code = worker_process(self.config, index, worker_count(self.config),
@@ -415,6 +469,8 @@ class Supervisor:
                 self.deaths[worker.index] = deaths
                 delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * 2 ** (deaths - 1))
                 self.restart_after[worker.index] = time.monotonic() + delay
+                if delay > HOLD_FOR_REPLACEMENT:
+                    self.prune_slot_listeners(worker.index)
             else:
                 self.deaths.pop(worker.index, None)
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -374,3 +375,48 @@ def test_a_heartbeat_being_stamped_never_reads_as_silent():
     finally:
         os.waitpid(child, 0)
     assert reads > 10_000 and implausible == 0
+
+
+def test_reloads_under_a_connect_loop_refuse_and_reset_no_one(tmp_path, start_echo,
+                                                             start_daemon):
+    """Five HUPs while eight clients connect and echo back to back: not one connect refused
+    or reset.  Each worker index keeps its listening socket across generations (the
+    supervisor holds it), so what queued for an old worker is accepted by its successor."""
+    echo = start_echo()
+    path = tmp_path / "gconn.conf"
+    write_config(path, echo.address)
+    daemon = start_daemon("-c", str(path))
+    port = daemon.port("main")
+    stop = threading.Event()
+    failures, served = [], collections.Counter()
+
+    def loop(number):
+        while not stop.is_set():
+            try:
+                with connect(port) as client:
+                    client.sendall(b"%08d" % number)
+                    got = b""
+                    while len(got) < 8 and (data := client.recv(8 - len(got))):
+                        got += data
+                if got != b"%08d" % number:
+                    failures.append(f"echo {got!r}")
+                served[number] += 1
+            except OSError as error:
+                failures.append(repr(error))
+
+    threads = [threading.Thread(target=loop, args=(number,)) for number in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        for generation in range(1, 6):
+            mark = daemon.mark()
+            daemon.signal(signal.SIGHUP)
+            daemon.wait_contains(f"ready workers=2 generation={generation}", since=mark)
+            first = daemon.wait_contains("finished", since=mark)  # both old workers are gone
+            daemon.wait_contains("finished", since=daemon.lines.index(first) + 1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert not failures, failures[:5]
+    assert all(served[number] for number in range(8))
