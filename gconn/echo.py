@@ -14,6 +14,10 @@ read (then that client is not read: at most one chunk held per connection).
 connection at that offset of its stream: ``flip@40`` sends byte 40 back inverted,
 ``drop@80:80`` swallows 80 bytes from offset 80, ``delay@80:2.5`` holds the bytes from offset 80
 on for 2.5 seconds, ``reset@80`` resets the connection when the stream reaches offset 80.
+
+Signals, for gconn-soak's fault injection: SIGUSR1 resets every live connection (a destination
+that fails under its clients), SIGUSR2 stops reading every connection, new ones included, until
+the next SIGUSR2 (a destination that stalls: its clients' bytes back up through gconn).
 """
 
 from gevent import monkey
@@ -43,6 +47,8 @@ BACKLOG = 4096  # listen backlog, sized for soak bursts
 ACCEPT_BATCH = 64  # connections accepted per readiness event
 ACCEPT_PAUSE = 0.1  # seconds accepting pauses when the OS is out of descriptors
 FAULT_KINDS = ("flip", "drop", "delay", "reset")
+LIVE = set()  # every connection being echoed (what SIGUSR1 resets and SIGUSR2 stalls)
+STALLED = [False]  # SIGUSR2's toggle: read nothing while set
 
 
 def parse_fault(text):
@@ -77,7 +83,9 @@ class Echo:
         self.pending = None  # bytes the client did not take yet
         self.writer = self.timer = None
         self.reader = loop.io(sock.fileno(), 1)
-        self.reader.start(self.on_readable)
+        if not STALLED[0]:
+            self.reader.start(self.on_readable)
+        LIVE.add(self)
 
     def on_readable(self):
         try:
@@ -120,8 +128,23 @@ class Echo:
     def on_writable(self):
         data, self.pending = self.pending, None
         self.writer.stop()
-        self.reader.start(self.on_readable)
+        if not STALLED[0]:
+            self.reader.start(self.on_readable)
         self.write(data)
+
+    def reset(self):
+        """Close with a reset (SO_LINGER 0), as a destination that fails does."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close()
+
+    def stall(self, stalled):
+        """Stop reading (``stalled``) or read again, unless a write is pending anyway."""
+        if self.reader is None or self.pending is not None or self.timer is not None:
+            return
+        if stalled:
+            self.reader.stop()
+        else:
+            self.reader.start(self.on_readable)
 
     def misbehave(self, start, data):
         """Apply the faults whose offset falls in this chunk; the bytes to send, or None when
@@ -140,8 +163,7 @@ class Echo:
                 data = bytearray(data)
                 data[offset - start] ^= 0xFF
             elif kind == "reset":
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.close()
+                self.reset()
                 return None
             elif kind == "delay":
                 held = bytes(data)
@@ -163,6 +185,20 @@ class Echo:
                 watcher.close()  # before the socket: the loop multiplexes watchers per fd
         self.reader = self.writer = self.timer = None
         self.sock.close()
+        LIVE.discard(self)
+
+
+def reset_all():
+    """SIGUSR1: reset every live connection."""
+    for echo in list(LIVE):
+        echo.reset()
+
+
+def toggle_stall():
+    """SIGUSR2: stop reading every connection, or read again."""
+    STALLED[0] = not STALLED[0]
+    for echo in list(LIVE):
+        echo.stall(STALLED[0])
 
 
 class Acceptor:
@@ -236,6 +272,8 @@ def main(argv=None):
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
+    gevent.signal_handler(signal.SIGUSR1, reset_all)
+    gevent.signal_handler(signal.SIGUSR2, toggle_stall)
     stop.wait()
     for acceptor in acceptors:
         acceptor.close()

@@ -18,6 +18,11 @@ baseline after the clients leave.  The client processes measure their own loop l
 report shows gconn's CPU beside the harness's and warns when the harness is the bottleneck.
 Every process it starts is in a process group of its own and is stopped on exit, Ctrl-C
 included.
+
+``--faults kill-worker,reload,...`` (or ``all``) injects faults one after another while every
+client holds its stream (soak_faults.py) and reports each one by itself: streams cut (as the
+clients saw them and as gconn logged them), echoes lost silently (must be 0) or late, the p99
+before and during, gconn's memory held, and how soon new clients were served normally again.
 """
 
 import argparse
@@ -35,6 +40,7 @@ import sys
 import tempfile
 import time
 
+from gconn_tools import soak_faults
 from gconn_tools.soak_client import bucket_value
 
 from gconn.log import parse_fields
@@ -103,8 +109,23 @@ def parse_args(argv):
                              "descriptors, and CPU use over time (needs matplotlib)")
     parser.add_argument("--no-second-wave", dest="second_wave", action="store_false",
                         help="skip the leak check's second wave (connect all, close at once)")
+    parser.add_argument("--faults", type=soak_faults.parse_faults, default=[],
+                        metavar="FAULT,...", help="inject these faults in turn while the "
+                        "clients hold their streams: " + ", ".join(soak_faults.FAULTS) +
+                        ", or all; each is reported by itself")
+    parser.add_argument("--loris", type=int, default=None, metavar="COUNT",
+                        help="connections of the slowloris fault (default: the clients, at "
+                             "most 2000)")
+    parser.add_argument("--flood", type=int, default=20_000, metavar="COUNT",
+                        help="connects of the flood fault (default 20000)")
     parser.add_argument("--echo-args", default="", help=argparse.SUPPRESS)  # tests: bad echo
     options = parser.parse_args(argv)
+    if options.faults:
+        if options.target or options.config:
+            parser.error("--faults needs the soak's own gconn and echo destinations: not "
+                         "with --target or --config")
+        options.loris = min(options.clients, 2000) if options.loris is None else options.loris
+        options.duration = max(options.duration, soak_faults.hold_seconds(options))
     if options.clients < 1 or options.rate <= 0 or options.duration < 0 or options.payload < 0:
         parser.error("--clients and --rate must be positive, --duration and --payload >= 0")
     if options.interval <= 0 or options.late_after <= 0 or options.clients_per_process < 1:
@@ -183,6 +204,8 @@ def tail(path, lines=15):
 def start_echoes(fleet, options):
     """Start enough gconn-echo processes and ports; return (processes, addresses)."""
     count = max(1, math.ceil(options.clients / CONNECTIONS_PER_ECHO_PROCESS))
+    if options.faults:  # one to reset, one to stall, and one left alone
+        count = max(count, 3)
     ports = max(count, math.ceil(options.clients / CONNECTIONS_PER_ECHO_PORT) + 1)
     per_process = math.ceil(ports / count)
     processes, addresses = [], []
@@ -211,20 +234,37 @@ def start_gconn(fleet, options, destinations):
         path = options.config
     else:
         workers = options.workers or workers_for(options.clients)
+        if options.faults:  # a killed worker must leave others serving
+            workers = max(workers, 2)
         path = os.path.join(fleet.scratch, "soak.conf")
         access_log = os.path.join(fleet.scratch, "access.log")
+        # with faults: reloads must not cut the streams the old workers drain, slowloris
+        # connections must be reclaimed, and a second route is there to be flooded
+        idle = soak_faults.idle_timeout(options) if options.faults else 0
+        shutdown = "1h" if options.faults else "5s"
         with open(path, "w") as stream:
             stream.write(
                 f"[gconn]\nworkers = {workers}\nlog-level = info\naccess-log = {access_log}\n"
-                f"admin =\nshutdown-timeout = 5s\n\n[route:soak]\nbind = 127.0.0.1:0\n"
-                f"destinations = {', '.join(destinations)}\nstrategy = round-robin\n"
-                f"max-connections = {options.clients * 2}\nbacklog = 65535\n"
-                f"idle-timeout = 0\n")
+                f"admin =\nshutdown-timeout = {shutdown}\n\n[route:soak]\n"
+                f"bind = 127.0.0.1:0\ndestinations = {', '.join(destinations)}\n"
+                f"strategy = round-robin\nmax-connections = {options.clients * 2}\n"
+                f"backlog = 65535\nidle-timeout = {idle}\n")
+            if "flood" in options.faults:
+                stream.write(f"\n[route:flood]\nbind = 127.0.0.1:0\n"
+                             f"destinations = {destinations[-1]}\n"
+                             f"max-connections = {workers}\nmax-queued = 0\n"
+                             f"backlog = 65535\n")
     process = fleet.start("gconn", [sys.executable, "-m", "gconn", "-c", path])
     wait_for_line(process, "ready workers=")
     line = wait_for_line(process, "listening route=")[0]
     target = line.split("address=", 1)[1].split()[0]
     return process, target, access_log
+
+
+def route_address(process, route):
+    """Where gconn's ``route`` listens, from its log."""
+    line = wait_for_line(process, f"listening route={route} ")[0]
+    return line.split("address=", 1)[1].split()[0]
 
 
 class TreeProbe:
@@ -350,7 +390,7 @@ def combine(clients):
     """Sum the clients' latest reports into one."""
     total = {key: 0 for key in COUNTS}
     total.update(failed=collections.Counter(), cut_seen=collections.Counter(), cuts=[],
-                 cpu=0.0, done=True)
+                 cpu=0.0, done=True, by_second=collections.defaultdict(collections.Counter))
     histograms = collections.defaultdict(list)
     for process in clients:
         report = process.latest
@@ -362,6 +402,8 @@ def combine(clients):
         total["failed"].update(report["failed"])
         total["cut_seen"].update(report["cut_seen"])
         total["cuts"].extend(report["cuts"])
+        for kind, counts in report.get("by_second", {}).items():
+            total["by_second"][kind].update({int(k): v for k, v in counts.items()})
         total["cpu"] += report["cpu"]
         for key in ("rtt", "late_delay", "connect", "lag"):
             histograms[key].append(report[key])
@@ -433,8 +475,9 @@ class Progress:
             self.bar = None
 
 
-def run_phase(fleet, options, label, targets, probe, echo_probe, started):
-    """Run the clients once against ``targets``; return what they and the probes saw."""
+def run_phase(fleet, options, label, targets, probe, echo_probe, started, injector=None):
+    """Run the clients once against ``targets``, with ``injector``'s faults once they all
+    connected; return what they and the probes saw."""
     cpu_self = resource.getrusage(resource.RUSAGE_SELF)
     phase_started = time.monotonic()
     gconn_before = probe.sample() if probe else None
@@ -460,6 +503,10 @@ def run_phase(fleet, options, label, targets, probe, echo_probe, started):
             peak_open = max(peak_open, total["open"])
             if hold_started is None and all(p.ramped is not None for p in clients):
                 hold_started = time.monotonic()
+                if injector is not None:
+                    injector.start(clients)
+            if injector is not None and hold_started is not None:
+                injector.step(None if gconn_died else sample)
             window_rtt, window_lag = take_windows(clients)
             now = time.monotonic()
             point = {"t": round(now - started, 1), "phase": label, "open": total["open"],
@@ -476,6 +523,8 @@ def run_phase(fleet, options, label, targets, probe, echo_probe, started):
                             None if hold_started is None else now - hold_started)
     finally:
         progress.close()
+        if injector is not None:
+            injector.stop()
     read_reports(clients)
     total = combine(clients)
     ramps = [process.ramped for process in clients]
@@ -506,7 +555,7 @@ def cpu_used(total, gconn_now, gconn_before, echo_probe, echo_before, soak_befor
 def run(options):
     """The whole soak; returns (report, exit code)."""
     fleet = Fleet()
-    gconn = probe = echo_probe = access_log = None
+    gconn = probe = echo_probe = access_log = injector = None
     started = time.monotonic()
     baseline_phase = None
     if options.target:
@@ -522,11 +571,18 @@ def run(options):
             baseline_phase = run_phase(fleet, options, "direct", destinations, None,
                                        echo_probe, started)
         gconn, target, access_log = start_gconn(fleet, options, destinations)
+        if options.faults:
+            target = route_address(gconn, "soak")
+            flood = route_address(gconn, "flood") if "flood" in options.faults else None
+            injector = soak_faults.Injector(fleet, options, gconn, echoes, target, flood)
         probe = TreeProbe([gconn.pid])
         print(f"gconn-soak: gconn pid={gconn.pid} target={target} "
               f"workers={len(probe.roots[0].children())}", flush=True)
     baseline = probe.sample() if probe else None
-    phase = run_phase(fleet, options, "gconn", [target], probe, echo_probe, started)
+    phase = run_phase(fleet, options, "gconn", [target], probe, echo_probe, started, injector)
+    if injector is not None:
+        phase["faults"] = injector.results(phase["total"]["by_second"], phase["timeline"],
+                                           started, access_log, gconn.log_path)
     gconn_died = phase["gconn_died"]
     settled = after = None
     if probe and not gconn_died:
@@ -671,6 +727,8 @@ def build_report(options, target, phase, baseline, after, settled, baseline_phas
     report["cut_connections"] = cuts[:CUTS_REPORTED]
     report["cut_echoes_in_flight"] = total["cut_in_flight"]
     report["gconn_died"] = phase["gconn_died"]
+    if "faults" in phase:
+        report["faults"] = phase["faults"]
     report["timeline"] = (baseline_phase["timeline"] if baseline_phase else []) + phase["timeline"]
     peak = phase["peak"]
     if baseline and peak:
@@ -722,14 +780,18 @@ def verdict(report, options):
     """0 when nothing was lost, corrupted or cut, late echoes, failures are within bounds and
     nothing leaked."""
     problems = []
+    faults = report.get("faults")
     if report["lost"] or report["corrupted"]:
         problems.append(f"{report['lost']} lost, {report['corrupted']} corrupted echoes")
-    if report["cut"]:
+    if faults is not None:  # cuts and late echoes are judged fault by fault
+        problems += soak_faults.problems(faults)
+    elif report["cut"]:
         reasons = ", ".join(f"{count} {reason}" for reason, count in
                             report["cut_end_reasons"].items())
         problems.append(f"{report['cut']} connections cut (of {report['cut_listed']} "
                         f"listed: {reasons})")
-    if report["echoes_sent"] and report["late"] * 100 / report["echoes_sent"] > options.max_late:
+    if faults is None and report["echoes_sent"] and \
+            report["late"] * 100 / report["echoes_sent"] > options.max_late:
         problems.append(f"{report['late']} late echoes (over {options.max_late:g} % of "
                         f"{report['echoes_sent']}; slowest {report['late_delay_ms']['max']} ms)")
     failures = sum(report["connect_failures"].values())
@@ -803,6 +865,7 @@ def print_table(report, options):
                   f"{gconn['fds_baseline']} / {gconn['fds_peak']} / {gconn.get('fds_after')}"),
                  ("gconn RSS after wave / second wave MB",
                   f"{gconn.get('rss_after_mb')} / {gconn.get('rss_after_second_wave_mb')}")]
+    rows += soak_faults.table(report.get("faults") or [])
     if report.get("leak_check"):
         rows.append(("leak check", "passed" if report["leak_check"]["passed"] else
                      f"FAILED {report['leak_check']}"))

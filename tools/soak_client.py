@@ -18,6 +18,13 @@ ended (close or reset) while the client still wanted it is *cut*: its client add
 client saw and the echoes then in flight are reported, so gconn-soak can name the end reason
 gconn logged for it.
 
+For gconn-soak's fault injection, cuts, late and lost echoes are also counted per second of
+the monotonic clock (which every process of the machine shares; late and lost ones by the
+second they were sent), so that the orchestrator can tell which fault they belong to; and
+SIGUSR1 turns every tenth client into a slow reader (it stops reading, keeps sending) until
+the next SIGUSR1; from then on those clients' echoes stay out of the latency windows (the
+windows say what the other clients see).
+
 The loop measures itself: how late each tick runs (its lag) and its CPU time.  Once a second
 it prints one JSON line of cumulative counts and log-scale histograms on stdout for the
 orchestrator; the last line has ``"done": true``.
@@ -32,6 +39,7 @@ import os
 import random
 import resource
 import select
+import signal
 import socket
 import struct
 import sys
@@ -50,6 +58,7 @@ BUCKETS_PER_E = 20  # histogram resolution: buckets grow by e^(1/20), about 5 %
 RECEIVE = 65536
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLLERR_HUP = select.EPOLLERR | select.EPOLLHUP
+SLOW_EVERY = 10  # with slow readers on, every tenth client stops reading
 
 
 def bucket(seconds):
@@ -84,7 +93,7 @@ class Histogram:
 
 class Client:
     __slots__ = ("number", "sock", "fd", "connecting_since", "slot", "sequence", "in_flight",
-                 "received", "outgoing", "local")
+                 "received", "outgoing", "local", "slow")
 
     def __init__(self, number):
         self.number = number
@@ -97,6 +106,7 @@ class Client:
         self.received = b""  # bytes of an echo not yet complete
         self.outgoing = b""  # bytes the socket did not take yet (rare: 16 + payload bytes)
         self.local = None  # "host:port" of our end, once connected
+        self.slow = False  # a slow reader now: not reading its socket
 
 
 class Soak:
@@ -129,6 +139,12 @@ class Soak:
         self.lag = Histogram()
         self.window_rtt = Histogram()  # since the last report line
         self.window_lag = Histogram()
+        # per second of the monotonic clock (late and lost: the second the echo was sent)
+        self.by_second = {"cut": collections.Counter(), "late": collections.Counter(),
+                          "lost": collections.Counter()}
+        self.slow_readers = False  # SIGUSR1's toggle
+        self.slow_used = False  # slow readers were on once: their echoes leave the windows
+        self.slow_toggled = False  # a SIGUSR1 came: the next tick applies it
 
     # connecting ------------------------------------------------------------------------------
 
@@ -162,7 +178,8 @@ class Soak:
             self.drop_socket(client)
             self.connect_failed(client, code)
             return
-        self.poller.modify(client.fd, EPOLLIN)
+        client.slow = self.slow_readers and client.number % SLOW_EVERY == 0
+        self.poller.modify(client.fd, self.events(client))
         client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         host, port = client.sock.getsockname()[:2]
         client.local = f"{host}:{port}"
@@ -232,7 +249,7 @@ class Soak:
             return
         if sent < len(message):
             client.outgoing = message[sent:]
-            self.poller.modify(client.fd, EPOLLIN | EPOLLOUT)
+            self.poller.modify(client.fd, self.events(client))
 
     def flush(self, client):
         try:
@@ -244,7 +261,22 @@ class Soak:
             return
         client.outgoing = client.outgoing[sent:]
         if not client.outgoing:
-            self.poller.modify(client.fd, EPOLLIN)
+            self.poller.modify(client.fd, self.events(client))
+
+    @staticmethod
+    def events(client):
+        """The epoll events ``client`` waits for: its replies unless it is a slow reader now,
+        and room to send while it has bytes the socket did not take."""
+        return (0 if client.slow else EPOLLIN) | (EPOLLOUT if client.outgoing else 0)
+
+    def toggle_slow_readers(self):
+        """SIGUSR1 (applied from the loop): every tenth client stops reading, or reads again."""
+        self.slow_readers = not self.slow_readers
+        self.slow_used = True
+        for client in self.clients[::SLOW_EVERY]:
+            client.slow = self.slow_readers
+            if client.sock is not None and client.connecting_since is None:
+                self.poller.modify(client.fd, self.events(client))
 
     def receive(self, client, now):
         try:
@@ -270,8 +302,7 @@ class Soak:
         sequence, size, crc = HEADER.unpack_from(reply)
         in_flight = client.in_flight
         while in_flight and in_flight[0][0] < sequence:  # overtaken: can never come back
-            in_flight.popleft()
-            self.counts["lost"] += 1
+            self.count_lost(in_flight.popleft())
         if (not in_flight or in_flight[0][0] != sequence or reply != in_flight[0][2]
                 or crc != zlib.crc32(reply[HEADER.size:])):
             self.counts["corrupted"] += 1
@@ -280,10 +311,12 @@ class Soak:
         _, sent, _ = in_flight.popleft()
         rtt = now - sent
         self.rtt.add(rtt)
-        self.window_rtt.add(rtt)
+        if client.number % SLOW_EVERY or not self.slow_used:
+            self.window_rtt.add(rtt)  # a slow reader's own delay is not gconn's latency
         if rtt > self.options.late_after:
             self.counts["late"] += 1
             self.late.add(rtt)
+            self.by_second["late"][int(sent)] += 1
         self.counts["echoes_verified"] += 1
         self.counts["bytes_verified"] += len(reply)
         return True
@@ -295,6 +328,7 @@ class Soak:
             errno.errorcode.get(error.errno, str(error.errno)))
         self.counts["cut"] += 1
         self.cut_seen[seen] += 1
+        self.by_second["cut"][int(time.monotonic())] += 1
         if len(self.cuts) < CUTS_LISTED:
             self.cuts.append({"client": client.local, "seen": seen,
                               "in_flight": len(client.in_flight)})
@@ -303,8 +337,16 @@ class Soak:
 
     # the loop --------------------------------------------------------------------------------
 
+    def count_lost(self, echo):
+        """An echo in flight that can never come back."""
+        self.counts["lost"] += 1
+        self.by_second["lost"][int(echo[1])] += 1
+
     def tick(self, number, now):
         options = self.options
+        if self.slow_toggled:
+            self.slow_toggled = False
+            self.toggle_slow_readers()
         if self.started_clients < options.clients:  # the ramp: --rate connects per second
             due = min(options.clients, math.ceil((number + 1) * TICK * options.rate))
             while self.started_clients < due:
@@ -361,7 +403,8 @@ class Soak:
                     self.receive(client, now)
         for client in self.clients:  # still missing at the end of the drain: lost
             if client.sock is not None:
-                self.counts["lost"] += len(client.in_flight)
+                for echo in client.in_flight:
+                    self.count_lost(echo)
         self.report(done=True)
         for client in self.clients:
             if client.sock is not None:
@@ -376,6 +419,8 @@ class Soak:
             "cuts": self.cuts, "rtt": self.rtt.export(), "late_delay": self.late.export(),
             "connect": self.connect_time.export(), "lag": self.lag.export(),
             "window_rtt": self.window_rtt.export(), "window_lag": self.window_lag.export(),
+            "by_second": {kind: {str(k): v for k, v in counts.items()}
+                          for kind, counts in self.by_second.items()},
             "cpu": round(usage.ru_utime + usage.ru_stime, 3), "done": done}
         self.window_rtt, self.window_lag = Histogram(), Histogram()
         print(json.dumps(line, separators=(",", ":")), flush=True)
@@ -392,7 +437,9 @@ def main(argv=None):
     options = parser.parse_args(argv)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    Soak(options).run()
+    soak = Soak(options)
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(soak, "slow_toggled", True))
+    soak.run()
     return 0
 
 
