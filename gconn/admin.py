@@ -84,7 +84,14 @@ class Admin:
     # --- WSGI ------------------------------------------------------------------------------
 
     def application(self, environ, start_response):
-        """Dispatch one request; every answer is plain text or JSON."""
+        """Answer one request: plain text or JSON; to HEAD, the same status and headers
+        without the body (RFC 9110 9.3.2: pywsgi would send it, and a client reading the
+        next answer on the connection would take it for that)."""
+        data = self.dispatch(environ, start_response)
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else data
+
+    def dispatch(self, environ, start_response):
+        """Dispatch one request to its endpoint; the answer's body."""
         if self.token is not None and not self.authorised(environ):
             return self.reply(start_response, 401, {"error": "unauthorized"})
         handler = self.routes.get(environ.get("PATH_INFO", ""))

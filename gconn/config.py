@@ -1,8 +1,8 @@
 """Load and validate gconn's configuration into immutable values, remembering where each came from.
 
 Apart from reading the config file this is pure: no sockets.  Every bad setting is a ConfigError
-naming the file, line, key, value and what is allowed; argparse itself exits only for --help,
---version and a malformed command line.
+naming the file, line, key, value and what is allowed, a malformed command line too; argparse
+itself exits only for --help and --version.
 
 How it works: ConfigArgParse reads the command line, the ``GCONN_*`` environment and the file and
 applies flag > environment > file > default; ``-c/--config`` is its config-file argument and
@@ -193,6 +193,18 @@ class IniFile(configargparse.ConfigFileParser):
                               source=f"{self.path}:{line}", key=key, section=section)
 
 
+class ArgParser(configargparse.ArgParser):
+    """ConfigArgParse whose every complaint is a ConfigError, so it reaches the user as gconn's
+    one line (exit 2) rather than a usage message, and a reload cannot exit the supervisor.
+
+    argparse complains of a malformed command line; ConfigArgParse also of an environment
+    value it read as a list (``GCONN_ADMIN_INSECURE=[yes]``).
+    """
+
+    def error(self, message):
+        raise ConfigError(message.replace("\n", "\\n") + f" (see {self.prog} --help)")
+
+
 def build_parser(ini_file, prog="gconn"):
     """The ConfigArgParse parser: each setting a flag with env variable and default; -c a file.
 
@@ -201,7 +213,7 @@ def build_parser(ini_file, prog="gconn"):
     Abbreviated flags are refused: ConfigArgParse would not see ``--connect-t`` as the
     ``--connect-timeout`` that overrides the file, and the provenance would name the file.
     """
-    parser = configargparse.ArgParser(
+    parser = ArgParser(
         prog=prog, description="gconn: a TCP connection router on gevent greenlets.",
         formatter_class=configargparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
         config_file_parser_class=ini_file, config_file_open_func=ConfigFile)
@@ -260,13 +272,14 @@ def load(argv=None, environ=None):
     options = parser.parse_args(argv, env_vars=environ)
     merged, overrides = {}, set()  # ConfigArgParse's value of each setting; those flag or env set
     for name, (source, where) in _origins(parser, ini_file).items():
-        raw = getattr(options, BY_NAME[name].attribute)
-        merged[name] = Value(", ".join(raw) if BY_NAME[name].repeatable else raw, where)
+        merged[name] = Value(_given_text(options, BY_NAME[name]), where)
         if source in (COMMAND_LINE, ENVIRONMENT):
             overrides.add(name)
 
     routes, values = [], {"gconn": {s.name: merged[s.name] for s in PROCESS_SETTINGS}}
-    for section_name, origin, given in _route_inputs(ini_file, options, merged):
+    named_by = ENVIRONMENT if "GCONN_ROUTE_NAME" in parser.get_source_to_settings_dict().get(
+        ENVIRONMENT, {}) else COMMAND_LINE  # where --route-name came from, if given
+    for section_name, origin, given in _route_inputs(ini_file, options, merged, named_by):
         route_values = {}
         for setting in ROUTE_SETTINGS:
             if setting.scope == ROUTE_ONLY:
@@ -295,8 +308,23 @@ def load(argv=None, environ=None):
                   values=values), options
 
 
-def _route_inputs(ini_file, options, merged):
-    """(section name, origin, {key: Value}) of each route: the file's, then the command line's."""
+def _given_text(options, setting):
+    """The text ConfigArgParse holds for ``setting``, a repeatable one's values joined by commas.
+
+    Python 3.11's argparse stores a value of exactly ``--`` (``--workers=--``, or
+    ``workers = --`` in [gconn], which ConfigArgParse passes on so) as ``[]``: it is ``--``
+    again here, for the setting's parser to judge.  A repeatable setting whose environment
+    variable ConfigArgParse read as an empty list (``GCONN_DESTINATION=[]``) has no values.
+    """
+    raw = getattr(options, setting.attribute)
+    if setting.repeatable:
+        return ", ".join("--" if item == [] else item for item in raw or ())
+    return "--" if raw == [] else raw
+
+
+def _route_inputs(ini_file, options, merged, named_by):
+    """(section name, origin, {key: Value}) of each route: the file's, then the command line's
+    (named by --route-name, from ConfigArgParse's source ``named_by``)."""
     inputs = []
     for section in ini_file.routes:
         given = {key: Value(text, f"{ini_file.path}:{line}")
@@ -308,8 +336,9 @@ def _route_inputs(ini_file, options, merged):
                  if setting.scope == ROUTE_ONLY and setting.name in merged}
         origin = next(iter(given.values())).source
         if not _ROUTE_NAME.match(name):
+            source = "env GCONN_ROUTE_NAME" if named_by == ENVIRONMENT else "flag --route-name"
             raise ConfigError(f"bad route name {name!r}: use letters, digits, . _ -",
-                              source="flag --route-name", key="route-name")
+                              source=source, key="route-name")
         if any(section_name == f"route:{name}" for section_name, _, _ in inputs):
             raise ConfigError(f"route {name!r} from the command line is also in the file; "
                               "choose another --route-name", source=origin)
@@ -377,8 +406,8 @@ def _check_tls(route, given):
     try:
         tls.server_context(route.tls_cert, route.tls_key, route.tls_client_ca,
                            route.tls_min_version, route.tls_ciphers)
-    except ValueError as error:
-        raise ConfigError(str(error), **where) from None
+    except (ValueError, OSError) as error:
+        raise ConfigError(_file_problem(error, given["tls-cert"].text), **where) from None
 
 
 def _check_destination_tls(route, given):
@@ -403,9 +432,17 @@ def _check_destination_tls(route, given):
         if route.destination_tls_cert:
             key = "destination-tls-cert"
             tls.load_pair(context, route.destination_tls_cert, route.destination_tls_key)
-    except ValueError as error:
-        raise ConfigError(str(error), source=given[key].source, key=key,
-                          section=section) from None
+    except (ValueError, OSError) as error:
+        raise ConfigError(_file_problem(error, given[key].text), source=given[key].source,
+                          key=key, section=section) from None
+
+
+def _file_problem(error, files):
+    """What went wrong loading TLS ``files``: tls.py's ValueError says it; an OSError it lets
+    through (a directory, a name too long) names no file, so ``files`` is named with it."""
+    if isinstance(error, OSError):
+        return f"{files!r}: {error.strerror or error}"
+    return str(error)
 
 
 def _check_distinct_binds(routes, values):

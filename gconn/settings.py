@@ -10,6 +10,7 @@ file, line and key to the message).
 import dataclasses
 import ipaddress
 import re
+import warnings
 
 from .protocols.proxy import parse_networks
 from .protocols.refusal import PROTOCOLS
@@ -22,6 +23,14 @@ HOURS = 60 * MINUTES
 DAYS = 24 * HOURS
 KIB = 1024
 MIB = 1024 * KIB
+# the longest duration any setting takes: far past any sensible timeout, and well inside what
+# socket.settimeout (about 292 years) and gevent's timers accept
+MAX_DURATION = 10_000 * DAYS
+# Linux's limits on the TCP keepalive and user timeout options (MAX_TCP_KEEPIDLE and
+# MAX_TCP_KEEPINTVL in seconds; TCP_USER_TIMEOUT is an int of milliseconds): a setsockopt
+# beyond them fails in every worker, which then dies at start and is restarted for ever
+MAX_KEEPALIVE_TIME = 32767 * SECONDS
+MAX_USER_TIMEOUT = 24 * DAYS  # 2,073,600,000 ms, under 2**31 - 1
 
 PROCESS = "process"  # a key of [gconn] only
 ROUTE = "route"  # a key of [route:NAME], or of [gconn] as the default for every route
@@ -100,20 +109,39 @@ def parse_duration(text):
     match = _DURATION.match(text.strip())
     if not match:
         raise ValueError("expected a duration such as 250ms, 5s, 2m or 8h")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    value = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if value > MAX_DURATION:
+        raise ValueError("must be at most 10000d")
+    return value
 
 
-def duration_at_least(lowest, text_lowest):
-    """A duration parser refusing values below ``lowest`` seconds (``0`` allowed if lowest 0)."""
+def duration_at_least(lowest, text_lowest, highest=MAX_DURATION, text_highest="10000d"):
+    """A duration parser refusing values below ``lowest`` seconds (``0`` allowed if lowest 0)
+    or above ``highest``."""
 
     def parse_bounded_duration(text):
         value = parse_duration(text)
         if value < lowest:
             raise ValueError(f"must be at least {text_lowest}")
+        if value > highest:
+            raise ValueError(f"must be at most {text_highest}")
         return value
 
     parse_bounded_duration.allowed = f"duration >= {text_lowest}: 250ms, 5s, 2m, 8h"
     return parse_bounded_duration
+
+
+def duration_at_most(highest, text_highest):
+    """A duration parser refusing values above ``highest`` seconds."""
+
+    def parse_limited_duration(text):
+        value = parse_duration(text)
+        if value > highest:
+            raise ValueError(f"must be at most {text_highest}")
+        return value
+
+    parse_limited_duration.allowed = "duration: 250ms, 5s, 2m, 8h"
+    return parse_limited_duration
 
 
 def size_between(low, high, text_range):
@@ -169,9 +197,13 @@ def one_of(choices):
 def parse_escaped_bytes(text):
     """Text with escapes such as \\r\\n or \\x00 -> bytes (empty allowed)."""
     try:
-        decoded = text.strip().encode("latin-1").decode("unicode_escape")
+        with warnings.catch_warnings():
+            # an unknown escape such as \\q is only a DeprecationWarning (an error in a
+            # Python to come): refuse it now rather than guess which bytes were meant
+            warnings.simplefilter("error", DeprecationWarning)
+            decoded = text.strip().encode("latin-1").decode("unicode_escape")
         return decoded.encode("latin-1")
-    except (UnicodeError, ValueError):
+    except (UnicodeError, ValueError, DeprecationWarning):
         raise ValueError("expected text with escapes such as \\r\\n or \\x00") from None
 
 
@@ -227,8 +259,11 @@ def parse_address(text, *, listening=False):
         host, colon, port_text = text.rpartition(":")
         if not colon or not host:
             raise ValueError("expected host:port, [ipv6]:port or unix:/path")
+    if not host.isprintable() or any(character.isspace() for character in host):
+        raise ValueError(f"{host!r} is not a host name or IP address")
     lowest = 0 if listening else 1
-    if not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) \
+            or not lowest <= int(port_text) <= 65535:
         raise ValueError(f"port must be a number from {lowest} to 65535")
     return Address("tcp", host=host, port=int(port_text))
 
@@ -465,13 +500,15 @@ SETTINGS = (
     Setting("tcp-keepalive", ROUTE, parse_boolean, "yes",
             "TCP keepalive probes on both sides, so a peer that vanished without a FIN is "
             "found (HAProxy's clitcpka/srvtcpka)"),
-    Setting("tcp-keepalive-idle", ROUTE, duration_at_least(1.0, "1s"), "2m",
+    Setting("tcp-keepalive-idle", ROUTE,
+            duration_at_least(1.0, "1s", MAX_KEEPALIVE_TIME, "32767s"), "2m",
             "with tcp-keepalive: quiet time before the first probe (whole seconds)"),
-    Setting("tcp-keepalive-interval", ROUTE, duration_at_least(1.0, "1s"), "20s",
+    Setting("tcp-keepalive-interval", ROUTE,
+            duration_at_least(1.0, "1s", MAX_KEEPALIVE_TIME, "32767s"), "20s",
             "with tcp-keepalive: time between unanswered probes (whole seconds)"),
     Setting("tcp-keepalive-count", ROUTE, integer_between(1, 127), "3",
             "with tcp-keepalive: unanswered probes after which the connection is dead"),
-    Setting("tcp-user-timeout", ROUTE, parse_duration, "0",
+    Setting("tcp-user-timeout", ROUTE, duration_at_most(MAX_USER_TIMEOUT, "24d"), "0",
             "sent data left unacknowledged this long ends the connection on either side "
             "(TCP_USER_TIMEOUT); 0: the kernel's retransmission limits (about 15 minutes)"),
     Setting("buffer-size", ROUTE, size_between(1024, 16 * MIB, "1k to 16m"), "64k",
