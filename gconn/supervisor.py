@@ -456,6 +456,7 @@ class Supervisor:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            connections = self.heartbeats.connections(worker.slot)
             self.heartbeats.give_back(worker.slot)
             metrics.forget(pid)
             code = os.waitstatus_to_exitcode(wait_status)
@@ -463,7 +464,9 @@ class Supervisor:
             if worker.retiring:
                 LOGGER.info("worker %d pid=%d finished (%s)", worker.index, pid, how)
                 continue
-            LOGGER.warning("worker %d pid=%d died (%s); restarting", worker.index, pid, how)
+            LOGGER.warning("worker %d pid=%d died (%s) with %d connections (as of its last "
+                           "heartbeat): their clients see them closed; restarting",
+                           worker.index, pid, how, connections)
             if time.monotonic() - worker.started < YOUNG:
                 deaths = self.deaths.get(worker.index, 0) + 1
                 self.deaths[worker.index] = deaths

@@ -202,7 +202,7 @@ def worker_process(config, index, count, heartbeats, slot, generation, listeners
         """Stamp liveness until the process exits (draining included); leave if orphaned."""
         orphaned = False
         while True:
-            heartbeats.beat(slot)
+            heartbeats.beat(slot, worker.registry.clients)
             if worker.stopping.is_set():
                 heartbeats.set_draining(slot)
             trimmer.observe(len(worker.registry))

@@ -203,3 +203,37 @@ def test_soak_fails_when_gconn_is_killed_mid_run(tmp_path):
     while os.path.exists(f"/proc/{gconn_pid}"):
         assert time.monotonic() < deadline, "gconn's supervisor was left behind"
         time.sleep(0.05)
+
+
+@pytest.mark.timeout(300)
+def test_every_fault_under_load_is_accounted_and_loses_nothing(tmp_path):
+    """300 clients hold verified streams while each fault is injected in turn: no echo lost
+    or corrupted anywhere; only kill-worker and destination-reset cut streams, the first no
+    more than the killed worker held (as the supervisor logged), the second each logged by
+    gconn as destination_closed; reloads, a stalled destination, slow readers, slowloris and a
+    flood cut none; slowloris connections are all reclaimed; new clients are served again
+    after every fault; and gconn returns to its baseline."""
+    report_path = tmp_path / "faults.json"
+    code, output = soak("--clients", "300", "--rate", "1000", "--interval", "1",
+                        "--faults", "all", "--flood", "3000", "--no-second-wave",
+                        "--json", str(report_path))
+    assert code == 0, output
+    report = json.loads(report_path.read_text())
+    assert report["lost"] == report["corrupted"] == 0
+    accounts = {account["fault"]: account for account in report["faults"]}
+    assert list(accounts) == ["kill-worker", "reload", "destination-reset", "destination-stall",
+                              "slow-readers", "slowloris", "flood"]
+    for name, account in accounts.items():
+        assert account["lost"] == 0 and account["recovery_s"] is not None, account
+        if name not in ("kill-worker", "destination-reset"):
+            assert account["cut"] == 0, account
+    killed = accounts["kill-worker"]
+    assert 0 < killed["cut"] <= killed["worker_held"] and killed["replaced_s"] is not None
+    reset = accounts["destination-reset"]
+    assert reset["cut"] > 0 and reset["gconn_logged"].get("destination_closed") == reset["cut"]
+    assert accounts["reload"]["reloads"] == 3
+    assert accounts["destination-stall"]["late"] > 0  # held by backpressure, then delivered
+    loris = accounts["slowloris"]["load"]
+    assert loris["connected"] == 300 and loris["reclaimed"] == 300 and loris["still_open"] == 0
+    assert accounts["flood"]["load"]["connects"] == 3000
+    assert report["leak_check"]["descriptors_returned"]

@@ -363,7 +363,7 @@ def test_a_heartbeat_being_stamped_never_reads_as_silent():
         try:
             until = time.monotonic() + 1.0
             while time.monotonic() < until:
-                beats.beat(slot)
+                beats.beat(slot, 7)
         finally:
             os._exit(0)
     reads = implausible = 0

@@ -279,7 +279,8 @@ class Injector:
         now = time.monotonic()
         for index, fault in enumerate(self.faults):  # a fault's slot: until the next one's gap
             until = self.faults[index + 1]["begun"] - self.gap / 2 \
-                if index + 1 < len(self.faults) else now
+                if index + 1 < len(self.faults) else \
+                min(now, fault.get("ended", now) + self.settle)
             until_wall = fault["begun_wall"] + (until - fault["begun"])
             window = range(int(fault["begun"]), int(until) + 1)
             counted = {kind: sum(counts.get(second, 0) for second in window)
@@ -315,7 +316,8 @@ def particular(account, fault, options, gconn_log):
     name = fault["name"]
     if name == "kill-worker":
         account["worker_pid"] = fault["worker_pid"]
-        account["replaced_s"] = replacement_seconds(gconn_log, fault["worker_pid"])
+        account["replaced_s"], account["worker_held"] = replacement(gconn_log,
+                                                                    fault["worker_pid"])
     elif name == "reload":
         account["reloads"] = fault["reloads"]
     elif name in ("slowloris", "flood"):
@@ -327,17 +329,19 @@ def particular(account, fault, options, gconn_log):
             (fault["rss_max"] - fault["rss_before"]) / slow / 1024, 1)
 
 
-def replacement_seconds(gconn_log, pid):
-    """Seconds from the supervisor's "pid=P died" line to its next "ready workers=" line, or
-    None."""
-    died = None
+def replacement(gconn_log, pid):
+    """(seconds from the supervisor's "pid=P died" line to its next "ready workers=" line,
+    the connections that line says the worker had), None for what the log does not say."""
+    died = held = None
     with open(gconn_log, errors="replace") as stream:
         for line in stream:
             if died is None and f"pid={pid} died" in line:
                 died = daemon_line_time(line)
+                words = line.split(" with ", 1)[1].split() if " with " in line else []
+                held = int(words[0]) if words and words[0].isdigit() else None
             elif died is not None and "ready workers=" in line:
-                return round(daemon_line_time(line) - died, 3)
-    return None
+                return round(daemon_line_time(line) - died, 3), held
+    return None, held
 
 
 def daemon_line_time(line):
@@ -389,6 +393,10 @@ def problems(accounts):
             found.append(f"{name}: {account['lost']} echoes lost silently")
         if account["cut"] and name not in CUTTING:
             found.append(f"{name}: {account['cut']} streams cut")
+        held = account.get("worker_held")
+        if name == "kill-worker" and (held is None or account["cut"] > held):
+            found.append(f"kill-worker: {account['cut']} streams cut, the killed worker held "
+                         f"{held}")
         logged = sum(count for end, count in account["gconn_logged"].items()
                      if end != "client_closed")
         if name == "destination-reset" and logged < account["cut"]:
@@ -405,7 +413,8 @@ def table(accounts):
     """The faults' rows of the soak's report table."""
     rows = []
     for account in accounts:
-        extra = {key: account[key] for key in ("worker_pid", "replaced_s", "reloads",
+        extra = {key: account[key] for key in ("worker_pid", "worker_held", "replaced_s",
+                                               "reloads",
                                                "held_kb_per_slow_reader", "load")
                  if key in account}
         rows.append((f"fault {account['fault']} at {account['at_s']} s",
