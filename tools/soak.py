@@ -751,10 +751,17 @@ def build_report(options, target, phase, baseline, after, settled, baseline_phas
                 "rss_growth_kept": round(kept, 3),
                 "rss_after_second_wave_mb": None if second is None else round(second / 2**20, 1),
                 "cpu_seconds_total": round(after["cpu"] - baseline["cpu"], 2)})
-            stable = memory_stable(after, peak, baseline)
+            # a reload or a killed worker replaced processes that held the first wave: the
+            # second wave then fills fresh workers, whose growth says nothing of a leak
+            replaced = {"reload", "kill-worker"} & set(options.faults)
+            stable = None if replaced else memory_stable(after, peak, baseline)
             report["leak_check"] = {
                 "descriptors_returned": bool(settled), "rss_stable_over_second_wave": stable,
                 "passed": bool(settled) and stable is not False}
+            if replaced:
+                report["leak_check"]["rss_not_judged"] = (
+                    f"{' and '.join(sorted(replaced))} replaced the workers that held the "
+                    f"first wave")
     if baseline_phase:
         direct = outcome(options, baseline_phase)
         report["baseline"] = direct
