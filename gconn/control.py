@@ -37,7 +37,8 @@ def route_report(route, now):
     """One route in this worker's report: listening, serving, counts, destinations."""
     admission = route.admission
     with route.destinations.lock.reading():
-        destinations = [{"address": d.name, "backup": d.backup, "healthy": d.healthy,
+        destinations = [{"address": d.name, "backup": d.backup, "weight": d.weight,
+                         "healthy": d.healthy,
                          "available": d.available(now), "active": d.active,
                          "connected_total": d.connected_total, "failed_total": d.failed_total,
                          "last_error": d.last_error}

@@ -14,7 +14,7 @@ class Destination:
 
     __slots__ = ("address", "name", "backup", "send_proxy", "tls", "healthy", "failed_until",
                  "active", "last_error", "connected_total", "failed_total", "check_streak",
-                 "bytes_up", "bytes_down")
+                 "bytes_up", "bytes_down", "weight")
 
     def __init__(self, spec, send_proxy="no", tls=False):
         self.address = spec.address
@@ -22,6 +22,7 @@ class Destination:
         self.backup = spec.backup
         self.send_proxy = spec.send_proxy or send_proxy  # its own PROXY header, or the route's
         self.tls = spec.uses_tls(tls)  # connect over TLS (its own choice, or the route's)
+        self.weight = 1 if spec.weight is None else spec.weight  # 0: no new connections
         self.healthy = True  # written by health checks; True until one says otherwise
         self.failed_until = 0.0  # monotonic time before which a failed destination is skipped
         self.active = 0  # forwarded connections to it right now

@@ -48,6 +48,7 @@ LOOPS = ("default", "epoll", "poll", "select", "libuv")
 PROXY_VERSIONS = ("no", "v1", "v2", "any")  # accept-proxy: which PROXY headers are read
 SEND_PROXY_VERSIONS = ("no", "v1", "v2")  # send-proxy: which PROXY header is written
 TLS_VERSIONS = ("1.2", "1.3")  # tls-min-version
+MAX_WEIGHT = 256  # a destination's weight=N at most (HAProxy's bound)
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _DURATION_UNITS = {"ms": MILLISECONDS, "s": SECONDS, "m": MINUTES, "h": HOURS, "d": DAYS,
@@ -87,6 +88,7 @@ class DestinationSpec:
     backup: bool = False
     send_proxy: str | None = None  # this destination's send-proxy; None: the route's
     tls: bool | None = None  # this destination's destination-tls; None: the route's
+    weight: int | None = None  # its share of new connections; None: 1 (0: no new ones)
 
     def uses_tls(self, route_tls):
         """Whether connections to it use TLS: its own ``tls=``, else the route's
@@ -101,6 +103,8 @@ class DestinationSpec:
             words.append(f"send-proxy={self.send_proxy}")
         if self.tls is not None:
             words.append(f"tls={'yes' if self.tls else 'no'}")
+        if self.weight is not None:
+            words.append(f"weight={self.weight}")
         return " ".join(words)
 
 
@@ -281,7 +285,8 @@ def parse_admin_address(text):
 def parse_destinations(text):
     """A comma-separated list of ``host:port`` / ``unix:/path``, each optionally followed by
     ``backup``, ``send-proxy=no|v1|v2`` and ``tls=yes|no`` (this destination's own PROXY
-    header version and TLS, overriding the route's send-proxy and destination-tls)."""
+    header version and TLS, overriding the route's send-proxy and destination-tls) and
+    ``weight=N`` (0 to MAX_WEIGHT: its share of new connections; 0 takes none)."""
     entries = []
     for item in text.split(","):
         words = item.split()
@@ -291,7 +296,7 @@ def parse_destinations(text):
             address = parse_address(words[0])
         except ValueError as error:
             raise ValueError(f"{words[0]!r}: {error}") from None
-        backup, send_proxy, tls = False, None, None
+        backup, send_proxy, tls, weight = False, None, None, None
         for word in words[1:]:
             key, _, value = word.partition("=")
             if word.lower() == "backup":
@@ -300,10 +305,14 @@ def parse_destinations(text):
                 send_proxy = value
             elif key == "tls" and value in ("yes", "no"):
                 tls = value == "yes"
+            elif key == "weight" and value.isascii() and value.isdigit() \
+                    and int(value) <= MAX_WEIGHT:
+                weight = int(value)
             else:
                 raise ValueError(f"{item.strip()!r}: expected host:port, then optionally "
-                                 f"'backup', 'send-proxy=no|v1|v2' and 'tls=yes|no'")
-        entries.append(DestinationSpec(address, backup, send_proxy, tls))
+                                 f"'backup', 'send-proxy=no|v1|v2', 'tls=yes|no' and "
+                                 f"'weight=0..{MAX_WEIGHT}'")
+        entries.append(DestinationSpec(address, backup, send_proxy, tls, weight))
     if not entries:
         raise ValueError("expected at least one destination host:port")
     return tuple(entries)
@@ -318,7 +327,8 @@ parse_source.allowed = "an IP address, or empty"
 parse_paths.allowed = "file paths, comma-separated"
 parse_server_names.allowed = "host names or *.suffix wildcards, comma-separated"
 parse_bind.allowed = "host:port | [ipv6]:port | unix:/path"
-parse_destinations.allowed = "host:port [backup] [send-proxy=no|v1|v2] [tls=yes|no], ..."
+parse_destinations.allowed = ("host:port [backup] [send-proxy=no|v1|v2] [tls=yes|no] "
+                              "[weight=N], ...")
 parse_admin_address.allowed = "host:port | [ipv6]:port | unix:/path | empty"
 
 
@@ -383,7 +393,9 @@ SETTINGS = (
     Setting("destinations", ROUTE_ONLY, parse_destinations, None,
             "where the route forwards, in order: host:port or unix:/path, comma-separated; "
             "append 'backup' to a fallback destination, 'send-proxy=no|v1|v2' or "
-            "'tls=yes|no' to override the route's send-proxy or destination-tls for one",
+            "'tls=yes|no' to override the route's send-proxy or destination-tls for one, "
+            "'weight=N' (0-256, default 1) for its share of new connections under "
+            "round-robin and least-connections (0: none)",
             flag="--destination", repeatable=True),
     Setting("strategy", ROUTE, one_of(STRATEGIES), "first-available",
             "how a destination is picked for each new connection"),

@@ -4,7 +4,16 @@ Each strategy takes the route's destinations (in config order), the route's turn
 many connections it has routed before this one) and the monotonic time, and returns the
 destinations to try, in order; the session tries them one after another until one connects.
 Strategies never touch sockets and never change destination state (MySQL Router's semantics).
+
+Weights (``weight=N``; 1 by default, 0 takes no new connection) give round-robin nginx's smooth
+weighted round-robin: over every run of turns as long as the weights' sum each destination is
+picked as often as its weight, spread out rather than in bursts (weights 5, 1, 1 pick a a b a c
+a a).  That sequence depends only on the weights, so it is computed once per set of weights and
+indexed by the turn: the strategies stay pure.  least-connections compares active connections
+per unit of weight.
 """
+
+import functools
 
 
 def _rotated(items, turn):
@@ -15,36 +24,67 @@ def _rotated(items, turn):
     return items[start:] + items[:start]
 
 
+@functools.lru_cache(maxsize=256)
+def smooth_schedule(weights):
+    """nginx's smooth weighted round-robin over positive ``weights``: the positions picked in
+    one period (as long as the weights' sum).  Each turn every position gains its weight, the
+    highest (the first of equals) is picked and loses the sum."""
+    total = sum(weights)
+    current = [0] * len(weights)
+    picks = []
+    for _ in range(total):
+        for position, weight in enumerate(weights):
+            current[position] += weight
+        best = max(range(len(weights)), key=lambda position: (current[position], -position))
+        current[best] -= total
+        picks.append(best)
+    return tuple(picks)
+
+
+def _weighted_rotation(items, turn):
+    """``items`` (weights > 0) in the order to try them for ``turn``: the smooth weighted
+    round-robin's pick first, then the others in list order after it (plain rotation when
+    every weight is the same)."""
+    if not items:
+        return []
+    weights = tuple(d.weight for d in items)
+    if weights.count(weights[0]) == len(weights):
+        return _rotated(items, turn)
+    schedule = smooth_schedule(weights)
+    return _rotated(items, schedule[turn % len(schedule)])
+
+
 def first_available(destinations, turn, now):
     """Every healthy destination in list order, back at the head for every new connection.
 
     A destination that failed a moment ago is tried again (only health checks take it out).
     """
-    return [d for d in destinations if d.healthy]
+    return [d for d in destinations if d.healthy and d.weight]
 
 
 def next_available(destinations, turn, now):
     """Like first-available, but a destination that failed is skipped until retry or health."""
-    return [d for d in destinations if d.available(now)]
+    return [d for d in destinations if d.weight and d.available(now)]
 
 
 def round_robin(destinations, turn, now):
-    """Available destinations, starting one further along the list for each new connection."""
-    return _rotated([d for d in destinations if d.available(now)], turn)
+    """Available destinations, the next one of the (weighted) rotation first."""
+    return _weighted_rotation([d for d in destinations if d.weight and d.available(now)], turn)
 
 
 def round_robin_with_fallback(destinations, turn, now):
     """Round-robin over the available primaries, then over the backups when no primary works."""
-    available = [d for d in destinations if d.available(now)]
+    available = [d for d in destinations if d.weight and d.available(now)]
     primaries = [d for d in available if not d.backup]
     backups = [d for d in available if d.backup]
-    return _rotated(primaries, turn) + _rotated(backups, turn)
+    return _weighted_rotation(primaries, turn) + _weighted_rotation(backups, turn)
 
 
 def least_connections(destinations, turn, now):
-    """Available destinations by fewest active connections; ties taken round-robin."""
-    return sorted(_rotated([d for d in destinations if d.available(now)], turn),
-                  key=lambda d: d.active)
+    """Available destinations by fewest active connections per unit of weight; ties taken
+    round-robin."""
+    return sorted(_rotated([d for d in destinations if d.weight and d.available(now)], turn),
+                  key=lambda d: d.active / d.weight)
 
 
 STRATEGIES = {

@@ -33,6 +33,18 @@ def test_round_robin_rotates_and_a_stopped_destination_comes_back(tag_servers, s
         seen.append(which_tag(port))
 
 
+def test_weighted_round_robin_shares_connections_by_weight(tag_servers, start_daemon):
+    """weight=3 and weight=1: of 40 connections through one worker exactly 30 and 10, spread
+    out (d0 d0 d1 d0, period after period), not in bursts."""
+    servers = tag_servers(2)
+    daemon = start_daemon("--bind", "127.0.0.1:0", "--strategy", "round-robin", "--workers", "1",
+                          "--destination", f"127.0.0.1:{servers[0].port} weight=3",
+                          "--destination", f"127.0.0.1:{servers[1].port} weight=1")
+    seen = [which_tag(daemon.port()) for _ in range(40)]
+    assert seen.count("d0") == 30 and seen.count("d1") == 10
+    assert seen[:8] == ["d0", "d0", "d1", "d0"] * 2
+
+
 def test_first_available_goes_back_to_the_head(tag_servers, start_daemon):
     """first-available serves from d0 always; while d0 is down, d1; then d0 again."""
     servers = tag_servers(3)

@@ -1,6 +1,9 @@
-"""Each strategy's choice order over three destinations, with one down and then back (pure)."""
+"""Each strategy's choice order over three destinations, with one down and then back, and
+with weights (pure)."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gconn.destinations import RouteDestinations
 from gconn.settings import parse_destinations
@@ -89,3 +92,59 @@ def test_every_strategy_offers_nothing_when_all_are_down(strategy):
     for destination in r.destinations:
         destination.connect_failed(0.0, RETRY, "refused")
     assert r.candidates(1.0) == []
+
+
+# weights --------------------------------------------------------------------------------------
+
+def first_picks(routes, count):
+    return "".join(names(routes.candidates(0.0))[0] for _ in range(count))
+
+
+def test_round_robin_with_weights_is_smooth():
+    """Weights 5, 1, 1: nginx's smooth sequence a a b a c a a, period after period, the
+    others following the pick in list order for failover."""
+    r = route("round-robin", "a:1 weight=5, b:2, c:3")
+    assert first_picks(r, 14) == "aabacaa" * 2
+    assert [names(r.candidates(0.0)) for _ in range(3)] == [
+        ["a", "b", "c"], ["a", "b", "c"], ["b", "c", "a"]]
+
+
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=6).filter(any))
+def test_weighted_shares_are_exact_per_period_and_never_bursty(weights):
+    """Over each period (the weights' sum) every destination is picked exactly its weight
+    times, at every prefix within one pick of its share, and a weight-0 one is never offered
+    (not even for failover)."""
+    text = ", ".join(f"h{i}:{i + 1} weight={w}" for i, w in enumerate(weights))
+    r = route("round-robin", text)
+    total = sum(weights)
+    counts = dict.fromkeys(range(len(weights)), 0)
+    for turn in range(1, 2 * total + 1):
+        offered = names(r.candidates(0.0))
+        assert all(weights[int(name[1:])] for name in offered)
+        counts[int(offered[0][1:])] += 1
+        for i, weight in enumerate(weights):  # |count - turn * weight / total| <= 1
+            assert abs(counts[i] * total - turn * weight) <= total
+    assert counts == {i: 2 * w for i, w in enumerate(weights)}
+
+
+@pytest.mark.parametrize("strategy", ["first-available", "next-available", "round-robin",
+                                      "round-robin-with-fallback", "least-connections"])
+def test_weight_zero_takes_no_new_connection_under_any_strategy(strategy):
+    r = route(strategy, "a:1 weight=0, b:2, c:3 backup")
+    assert all("a" not in order for order in orders(r, 4))
+
+
+def test_least_connections_counts_connections_per_unit_of_weight():
+    """Weight 3 with 2 active (0.67 each) is less busy than weight 1 with 1 active."""
+    r = route("least-connections", "a:1 weight=3, b:2")
+    r.destinations[0].active, r.destinations[1].active = 2, 1
+    assert names(r.candidates(0.0)) == ["a", "b"]
+    r.destinations[0].active = 4  # 1.33 per unit: now b
+    assert names(r.candidates(0.0)) == ["b", "a"]
+
+
+@pytest.mark.parametrize("text", ["a:1 weight=257", "a:1 weight=-1", "a:1 weight=x",
+                                  "a:1 weight="])
+def test_a_bad_weight_is_refused_saying_what_is_allowed(text):
+    with pytest.raises(ValueError, match="weight=0..256"):
+        parse_destinations(text)
