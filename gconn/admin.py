@@ -4,7 +4,10 @@
 (Keycloak's lesson: a busy process must not be restarted for answering slowly).  ``/readyz``,
 ``/status`` and ``/connections`` ask the workers through the fleet (fleet.py) when requested,
 never on the data path; this module only parses requests and shapes answers.  ``/config``
-shows the effective config with the origin of every value.  Bound to loopback by default;
+shows the effective config with the origin of every value.  Two POSTs change state (never a
+GET): ``/destinations/ROUTE/DESTINATION`` with ``state=drain|maint|ready`` (``grace=`` for
+maint) and/or ``weight=N``, and ``/unblock/ROUTE/HOST``; the supervisor applies them in every
+worker (runtime.py).  Bound to loopback by default;
 elsewhere a bearer token (``admin-token-file``) or ``--admin-insecure`` is required.  Bad paths
 get 404, bad query values 400 with a one-line JSON error, a wrong or missing token 401 without
 detail.
@@ -18,7 +21,8 @@ import urllib.parse
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
-from . import metrics
+from . import metrics, runtime
+from .settings import MAX_WEIGHT, parse_duration
 from .sockets import bound_address, listen
 
 LOGGER = logging.getLogger("gconn.admin")
@@ -26,6 +30,7 @@ ADMIN_CONNECTIONS = 256  # admin requests served at once
 READ_TIMEOUT = 2.0  # seconds an admin client may take to send its request
 PAGE_LIMIT = 1000  # /connections entries per page when no limit is given
 PAGE_LIMIT_MAX = 100_000  # the largest limit a request may ask for
+FORM_LIMIT = 4096  # bytes of a POST's form
 
 
 class TimedWSGIServer(WSGIServer):
@@ -47,11 +52,12 @@ class AccessLog:
 class Admin:
     """The admin endpoint of one supervisor."""
 
-    def __init__(self, address, token, fleet, metrics_dir, current_config):
+    def __init__(self, address, token, fleet, metrics_dir, current_config, changer=None):
         self.token = token  # the bearer token every request must carry; None: no check
         self.fleet = fleet  # the supervisor's workers, asked together
         self.metrics_dir = metrics_dir  # the workers' prometheus-client multiprocess files
         self.current_config = current_config  # returns the Config in effect (reloads change it)
+        self.changer = changer  # the supervisor: set_destination and unblock
         self.socket = listen(address, 128)
         self.address = bound_address(self.socket, address)
         # Requests are served by greenlets of this pool, one connection each, closed after
@@ -63,6 +69,7 @@ class Admin:
         self.routes = {"/livez": self.livez, "/readyz": self.readyz, "/status": self.status,
                        "/connections": self.connections, "/config": self.config,
                        "/metrics": self.metrics}
+        self.posts = {"destinations": self.set_destination, "unblock": self.unblock}
 
     def start(self):
         self.server.start()
@@ -94,7 +101,16 @@ class Admin:
         """Dispatch one request to its endpoint; the answer's body."""
         if self.token is not None and not self.authorised(environ):
             return self.reply(start_response, 401, {"error": "unauthorized"})
-        handler = self.routes.get(environ.get("PATH_INFO", ""))
+        path = environ.get("PATH_INFO", "")
+        kind, _, rest = path.lstrip("/").partition("/")
+        if kind in self.posts:
+            if environ.get("REQUEST_METHOD") != "POST":
+                return self.reply(start_response, 405, {"error": "POST only"})
+            try:
+                return self.reply(start_response, 200, self.posts[kind](rest, form(environ)))
+            except BadRequest as error:
+                return self.reply(start_response, 400, {"error": str(error)})
+        handler = self.routes.get(path)
         if handler is None or environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return self.reply(start_response, 404, {"error": "not found"})
         query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
@@ -115,7 +131,7 @@ class Admin:
         """Send ``body`` with HTTP status ``code`` (text as is, anything else as one line of
         JSON)."""
         reasons = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-                   503: "Service Unavailable"}
+                   405: "Method Not Allowed", 503: "Service Unavailable"}
         if isinstance(body, bytes):  # the Prometheus text format
             data, kind = body, "text/plain; version=0.0.4; charset=utf-8"
         elif isinstance(body, str):
@@ -167,12 +183,75 @@ class Admin:
         self.fleet.flush_metrics()
         return 200, metrics.render(self.metrics_dir)
 
+    def set_destination(self, rest, fields):
+        """POST /destinations/ROUTE/DESTINATION: state=ready|drain|maint (grace=SECONDS for
+        maint, default 0), weight=N; applied in every worker."""
+        route, destination = target(rest, "destinations")
+        unknown = set(fields) - {"state", "weight", "grace"}
+        if unknown or not {"state", "weight"} & set(fields):
+            raise BadRequest("expected state=ready|drain|maint and/or weight=N (grace= for "
+                             "maint)")
+        state = fields.get("state")
+        if state is not None and state not in runtime.STATES:
+            raise BadRequest(f"state must be one of {', '.join(runtime.STATES)}")
+        weight = None
+        if "weight" in fields:
+            weight = whole_number(fields, "weight", None, 0, MAX_WEIGHT)
+        grace = fields.get("grace") or "0"
+        try:
+            grace = parse_duration(grace)
+        except ValueError as error:
+            raise BadRequest(f"grace: {error}") from None
+        try:
+            answer = self.changer.set_destination(route, destination, state, weight, grace)
+        except ValueError as error:
+            raise BadRequest(str(error)) from None
+        return {"route": route, "destination": destination, "state": state, "weight": weight,
+                **answer}
+
+    def unblock(self, rest, fields):
+        """POST /unblock/ROUTE/HOST: lift the host's block in every worker."""
+        route, host = target(rest, "unblock")
+        if fields:
+            raise BadRequest("no fields expected")
+        try:
+            answer = self.changer.unblock(route, host)
+        except ValueError as error:
+            raise BadRequest(str(error)) from None
+        return {"route": route, "host": host, **answer}
+
     def config(self, query):
         """The effective configuration, each value with where it came from (JSON)."""
         values = self.current_config().values
         return 200, {section: {key: {"value": value.text, "source": value.source}
                                for key, value in entries.items()}
                      for section, entries in values.items()}
+
+
+def form(environ):
+    """A POST's fields: its urlencoded body (at most FORM_LIMIT bytes) and query string."""
+    fields = dict(urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""),
+                                         keep_blank_values=True))
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise BadRequest("Content-Length must be a number") from None
+    if not 0 <= length <= FORM_LIMIT:
+        raise BadRequest(f"a form of at most {FORM_LIMIT} bytes")
+    if length:
+        body = environ["wsgi.input"].read(length).decode("utf-8", "replace")
+        fields.update(urllib.parse.parse_qsl(body, keep_blank_values=True))
+    return fields
+
+
+def target(rest, what):
+    """(route, the rest) of a POST's path after its kind: ROUTE/NAME, NAME percent-decoded
+    (a destination's own ``/`` of unix:/path included)."""
+    route, _, name = rest.partition("/")
+    route, name = urllib.parse.unquote(route), urllib.parse.unquote(name)
+    if not route or not name:
+        raise BadRequest(f"expected /{what}/ROUTE/NAME")
+    return route, name
 
 
 class BadRequest(ValueError):

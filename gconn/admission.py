@@ -126,6 +126,11 @@ class HostBlocker:
         """A good session from ``host``: its failure count starts again."""
         self.failures.pop(host, None)
 
+    def unblock(self, host):
+        """Lift ``host``'s block now (and forget its failures); whether it was blocked."""
+        self.failures.pop(host, None)
+        return self.blocked_until.pop(host, None) is not None
+
     def blocked_hosts(self, now):
         """How many hosts are blocked at ``now``."""
         return sum(1 for until in self.blocked_until.values() if until > now)

@@ -89,6 +89,9 @@ def main(argv=None):
     if argv[:1] == ["status"]:
         from .status import main as status_main
         return status_main(argv[1:])
+    if argv[:1] == ["ctl"]:
+        from .ctl import main as ctl_main
+        return ctl_main(argv[1:])
     try:
         config, options = load(argv)
         select_loop(config)

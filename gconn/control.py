@@ -19,7 +19,7 @@ import time
 import gevent
 from gevent.server import StreamServer
 
-from . import metrics
+from . import metrics, runtime
 from .sockets import process_usage
 
 LOGGER = logging.getLogger("gconn.control")
@@ -37,8 +37,8 @@ def route_report(route, now):
     """One route in this worker's report: listening, serving, counts, destinations."""
     admission = route.admission
     with route.destinations.lock.reading():
-        destinations = [{"address": d.name, "backup": d.backup, "weight": d.weight,
-                         "healthy": d.healthy,
+        destinations = [{"address": d.name, "backup": d.backup, "weight": d.base_weight,
+                         "state": d.state, "healthy": d.healthy,
                          "available": d.available(now), "active": d.active,
                          "connected_total": d.connected_total, "failed_total": d.failed_total,
                          "last_error": d.last_error}
@@ -100,6 +100,17 @@ class ControlServer:
             return {"pid": os.getpid()}
         if command == "report":
             return self.report()
+        words = command.split()
+        try:
+            if words[:1] == ["set"] and len(words) == 6:  # set ROUTE DEST STATE WEIGHT GRACE
+                state, weight = (None if word == "-" else word for word in words[3:5])
+                return runtime.apply(self.worker.routes, self.worker.registry, words[1],
+                                     words[2], state, None if weight is None else int(weight),
+                                     float(words[5]))
+            if words[:1] == ["unblock"] and len(words) == 3:  # unblock ROUTE HOST
+                return {"unblocked": runtime.unblock(self.worker.routes, words[1], words[2])}
+        except (runtime.UnknownTarget, ValueError) as error:
+            return {"error": str(error)}
         return {"error": f"unknown command {command!r}"}
 
     def connections(self, stacks):

@@ -14,7 +14,7 @@ class Destination:
 
     __slots__ = ("address", "name", "backup", "send_proxy", "tls", "healthy", "failed_until",
                  "active", "last_error", "connected_total", "failed_total", "check_streak",
-                 "bytes_up", "bytes_down", "weight")
+                 "bytes_up", "bytes_down", "weight", "base_weight", "state", "generation")
 
     def __init__(self, spec, send_proxy="no", tls=False):
         self.address = spec.address
@@ -22,7 +22,10 @@ class Destination:
         self.backup = spec.backup
         self.send_proxy = spec.send_proxy or send_proxy  # its own PROXY header, or the route's
         self.tls = spec.uses_tls(tls)  # connect over TLS (its own choice, or the route's)
-        self.weight = 1 if spec.weight is None else spec.weight  # 0: no new connections
+        self.base_weight = 1 if spec.weight is None else spec.weight  # config or runtime
+        self.state = "ready"  # set at runtime (runtime.py): ready, drain or maint
+        self.weight = self.base_weight  # what strategies see: 0 unless ready
+        self.generation = 0  # runtime changes so far (a maint's grace checks it)
         self.healthy = True  # written by health checks; True until one says otherwise
         self.failed_until = 0.0  # monotonic time before which a failed destination is skipped
         self.active = 0  # forwarded connections to it right now
@@ -35,6 +38,16 @@ class Destination:
 
     def __repr__(self):
         return f"<Destination {self.address} active={self.active} healthy={self.healthy}>"
+
+    def set_runtime(self, state=None, weight=None):
+        """A runtime change (runtime.py): the state and/or the weight; drain and maint make
+        the weight strategies see 0, so no new connection comes here."""
+        if state is not None:
+            self.state = state
+        if weight is not None:
+            self.base_weight = weight
+        self.weight = self.base_weight if self.state == "ready" else 0
+        self.generation += 1
 
     def available(self, now):
         """Whether a new connection may be sent here at monotonic time ``now``."""

@@ -47,7 +47,9 @@ def route_totals(reports):
                 total["top_hosts"][host] = total["top_hosts"].get(host, 0) + live
             for destination in route["destinations"]:
                 entry = total["destinations"].setdefault(
-                    destination["address"], {"up": 0, "down": 0, "active": 0})
+                    destination["address"], {"up": 0, "down": 0, "active": 0,
+                                             "state": destination.get("state", "ready"),
+                                             "weight": destination.get("weight", 1)})
                 entry["up" if destination["healthy"] else "down"] += 1
                 entry["active"] += destination["active"]
     for total in routes.values():  # each worker's top hosts, added up: the top of those

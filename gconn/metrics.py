@@ -17,6 +17,8 @@ import os
 import shutil
 import tempfile
 
+from .runtime import STATES
+
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, float("inf"))  # connect and session
 _metrics = None  # the namespace of metric objects once set up
@@ -66,6 +68,9 @@ class _Metrics:
         self.destination_up = gauge("gconn_destination_up",
                                     "1 when every worker sees the destination healthy",
                                     destination, multiprocess_mode="livemin")
+        self.destination_state = gauge(
+            "gconn_destination_state", "1 for the state set at runtime (ready, drain, maint)",
+            ["route", "destination", "state"], multiprocess_mode="livemax")
         self.worker_connections = gauge("gconn_worker_connections",
                                         "Live connections per worker", ["worker"],
                                         multiprocess_mode="liveall")
@@ -216,6 +221,9 @@ def publish_state(worker, routes, live, fds, fd_limit, rss, now):
         for destination in route.destinations.destinations:
             _metrics.destination_up.labels(name, destination.name).set(
                 1 if destination.healthy else 0)
+            for state in STATES:
+                _metrics.destination_state.labels(name, destination.name, state).set(
+                    1 if destination.state == state else 0)
     worker = str(worker)
     _metrics.worker_connections.labels(worker).set(live)
     _metrics.worker_fds.labels(worker).set(fds)

@@ -32,6 +32,7 @@ from .errors import DestinationUnavailable, ResourceExhausted, Shed
 from .forward import Pump
 from .log import log_access
 from .protocols import proxy, refusal, sni, tls
+from .runtime import Maintenance
 from .sockets import client_host, connect, peer_name, send_within
 
 LOGGER = logging.getLogger("gconn.session")
@@ -147,6 +148,10 @@ class Session:
             local.set_error("fd_exhausted", str(error))
             LOGGER.warning("%s", error)
             end = "fd_exhausted"
+        except Maintenance:
+            local.set_error("maint", f"destination {self.context.destination} put in "
+                                     f"maintenance")
+            end = "maint"
         except GreenletExit:
             local.set_error("shutdown", f"cut in phase {self.context.phase} by shutdown")
             end = "shutdown"

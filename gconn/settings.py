@@ -386,6 +386,10 @@ SETTINGS = (
             "where the daemon's log goes: - for stderr, or a file path"),
     Setting("access-log", PROCESS, parse_text, "-",
             "one line per finished connection: - for stderr, a file path, or off"),
+    Setting("state-file", PROCESS, parse_text, "",
+            "a file where destination states and weights set at runtime (POST "
+            "/destinations, gconn ctl) are kept, so that a restart keeps them (HAProxy's "
+            "server-state-file); empty: kept until gconn stops"),
     Setting("shutdown-timeout", PROCESS, parse_duration, "30s",
             "on SIGTERM/SIGINT, how long live connections may run before they are closed"),
     Setting("bind", ROUTE_ONLY, parse_bind, None,

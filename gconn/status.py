@@ -8,15 +8,18 @@ import argparse
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 DEFAULT_ADMIN = "127.0.0.1:8421"
 TIMEOUT = 5.0  # seconds to wait for the admin endpoint
 
 
-def fetch(admin, path, token=None):
-    """GET ``path`` from the admin endpoint and decode its JSON."""
-    request = urllib.request.Request(f"http://{admin}{path}")
+def fetch(admin, path, token=None, form=None):
+    """GET ``path`` from the admin endpoint (POST ``form``, a dict, when given) and decode its
+    JSON."""
+    data = None if form is None else urllib.parse.urlencode(form).encode()
+    request = urllib.request.Request(f"http://{admin}{path}", data=data)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
@@ -45,31 +48,49 @@ def render(totals):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    """The ``gconn status`` command."""
-    parser = argparse.ArgumentParser(prog="gconn status", description=__doc__.splitlines()[0])
+def admin_arguments(parser):
+    """``--admin`` and ``--token-file``, as every command that talks to the admin takes them."""
     parser.add_argument("--admin", default=DEFAULT_ADMIN, metavar="HOST:PORT",
                         help=f"the admin endpoint (default {DEFAULT_ADMIN})")
     parser.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON")
-    options = parser.parse_args(argv)
+
+
+def ask_admin(prog, options, path, form=None):
+    """(decoded answer, None) from the admin endpoint, or (None, exit code) with the reason
+    printed: 2 for an unreadable token file, 1 when the endpoint could not be read or said
+    no (its one-line error shown)."""
     token = None
     if options.token_file:
         try:
             with open(options.token_file, encoding="utf-8") as stream:
                 token = stream.read().strip()
         except OSError as error:
-            print(f"gconn status: cannot read {options.token_file}: {error.strerror}",
+            print(f"{prog}: cannot read {options.token_file}: {error.strerror}",
                   file=sys.stderr)
-            return 2
+            return None, 2
     try:
-        totals = fetch(options.admin, "/status", token)
+        return fetch(options.admin, path, token, form), None
     except urllib.error.HTTPError as error:
-        print(f"gconn status: {options.admin} answered {error.code}", file=sys.stderr)
-        return 1
+        try:
+            detail = ": " + json.loads(error.read())["error"]
+        except (ValueError, KeyError, TypeError, OSError):
+            detail = ""
+        print(f"{prog}: {options.admin} answered {error.code}{detail}", file=sys.stderr)
+        return None, 1
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
-        print(f"gconn status: cannot read {options.admin}: {reason}", file=sys.stderr)
-        return 1
+        print(f"{prog}: cannot read {options.admin}: {reason}", file=sys.stderr)
+        return None, 1
+
+
+def main(argv=None):
+    """The ``gconn status`` command."""
+    parser = argparse.ArgumentParser(prog="gconn status", description=__doc__.splitlines()[0])
+    admin_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the raw JSON")
+    options = parser.parse_args(argv)
+    totals, code = ask_admin("gconn status", options, "/status")
+    if totals is None:
+        return code
     print(json.dumps(totals, indent=2) if options.json else render(totals))
     return 0

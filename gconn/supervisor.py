@@ -13,6 +13,7 @@ roster of its current workers.
 import dataclasses
 import datetime
 import errno
+import json
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ import time
 import gevent
 from gevent.queue import Empty, Queue
 
-from . import log, metrics
+from . import control, log, metrics
 from .admin import Admin
 from .config import load
 from .errors import ConfigError, StartupError
@@ -107,6 +108,40 @@ def reservation_key(route):
     return str(route.bind)
 
 
+def read_state_file(path):
+    """The runtime changes kept in ``path`` ({(route, destination): change}); nothing when
+    there is no such file yet (or ``path`` is empty).  A file that is not gconn's state is
+    ignored with a warning, never fatal."""
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as stream:
+            entries = json.load(stream)
+        return {(entry["route"], entry["destination"]):
+                {key: entry[key] for key in ("state", "weight") if key in entry}
+                for entry in entries}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        LOGGER.warning("state-file %s not read (%s): starting without runtime states", path,
+                       error)
+        return {}
+
+
+def write_state_file(path, changes):
+    """Keep ``changes`` in ``path`` (written to a temporary file, then renamed over it)."""
+    if not path:
+        return
+    entries = [{"route": route, "destination": destination, **change}
+               for (route, destination), change in sorted(changes.items())]
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as stream:
+            json.dump(entries, stream, indent=1)
+        os.replace(path + ".tmp", path)
+    except OSError as error:
+        LOGGER.error("state-file %s not written: %s", path, error.strerror)
+
+
 def describe_exit(code):
     """``exit code N`` or ``signal NAME`` (``signal N`` for one without a name)."""
     if code >= 0:
@@ -157,6 +192,10 @@ class Supervisor:
         self.outgoing = []  # the previous generation, retired once the new one is ready
         self.announced = frozenset()  # the worker pids whose readiness was last logged
         self.open_files = raise_open_files_limit()
+        # destination states and weights set at runtime: (route, destination) -> {"state",
+        # "weight"}; they win over the config until set again, survive reloads, and are
+        # handed to every worker started later (and kept in state-file, if set)
+        self.changes = read_state_file(config.process.state_file)
 
     # --- start -----------------------------------------------------------------------------
 
@@ -207,7 +246,7 @@ class Supervisor:
         if process.admin is not None:
             fleet = Fleet(self.control_dir, self.roster, self.heartbeats)
             self.admin = Admin(process.admin, self.admin_token, fleet, self.metrics_dir,
-                               lambda: self.config)
+                               lambda: self.config, changer=self)
             self.admin.start()
         for name in SIGNALS:
             signum = getattr(signal, f"SIG{name}")
@@ -270,6 +309,10 @@ class Supervisor:
             return
         LOGGER.info("reloading: generation %d", self.generation + 1)
         self.config = config
+        known = {(route.name, str(spec.address)) for route in config.routes
+                 for spec in route.destinations}
+        for key in [key for key in self.changes if key not in known]:
+            del self.changes[key]  # its route or destination left the config
         self.prune_slot_listeners()
         self.check_capacity(config)
         self.outgoing.extend(w for w in self.workers.values() if not w.retiring)
@@ -289,6 +332,41 @@ class Supervisor:
 
     def handle_chld(self):
         """A worker changed state: reaped in the loop."""
+
+    # --- runtime changes (the admin's POSTs) -------------------------------------------------
+
+    def set_destination(self, route_name, destination_name, state=None, weight=None, grace=0.0):
+        """Set a destination's state and/or weight in every worker now and in every worker
+        started later; ValueError when the route or destination is unknown.  Returns what
+        the workers answered."""
+        route = next((r for r in self.config.routes if r.name == route_name), None)
+        if route is None:
+            raise ValueError(f"no route {route_name!r}")
+        if destination_name not in {str(spec.address) for spec in route.destinations}:
+            raise ValueError(f"route {route_name} has no destination {destination_name!r}")
+        change = self.changes.setdefault((route_name, destination_name), {})
+        if state is not None:
+            change["state"] = state
+        if weight is not None:
+            change["weight"] = weight
+        write_state_file(self.config.process.state_file, self.changes)
+        command = (f"set {route_name} {destination_name} {state or '-'} "
+                   f"{'-' if weight is None else weight} {grace:g}")
+        return self.tell_workers(command)
+
+    def unblock(self, route_name, host):
+        """Lift a blocked client host on a route in every worker; ValueError for an unknown
+        route."""
+        if not any(r.name == route_name for r in self.config.routes):
+            raise ValueError(f"no route {route_name!r}")
+        return self.tell_workers(f"unblock {route_name} {host}")
+
+    def tell_workers(self, command):
+        """Send ``command`` to every worker (draining ones too: their live connections are
+        the ones a maint ends); {"workers": answered, "answers": [...]}."""
+        answers = control.ask_all(self.control_dir, list(self.workers), command)
+        return {"workers": sum(1 for a in answers.values() if a is not None),
+                "answers": [a for a in answers.values() if a is not None]}
 
     # --- workers ---------------------------------------------------------------------------
 
@@ -424,7 +502,7 @@ class Supervisor:
                 self.admin.abandon()  # the admin endpoint is the supervisor's alone
             code = worker_process(self.config, index, worker_count(self.config),
                                   self.heartbeats, slot, self.generation, listeners,
-                                  supervisor_pid, self.control_dir)
+                                  supervisor_pid, self.control_dir, self.changes)
         except BaseException:
             LOGGER.exception("worker %d failed", index)
         finally:

@@ -18,7 +18,7 @@ import time
 import gevent
 from gevent.event import Event
 
-from . import log, metrics
+from . import log, metrics, runtime
 from .control import ControlServer
 from .registry import Registry
 from .route import Route
@@ -39,8 +39,9 @@ def share(total, workers, index, minimum=1):
 class Worker:
     """Serves every route of ``config`` in this process until told to stop."""
 
-    def __init__(self, config, worker_id=0, reuse_port=False, listeners=None):
+    def __init__(self, config, worker_id=0, reuse_port=False, listeners=None, changes=None):
         self.config = config
+        self.changes = changes or {}  # destination states and weights set at runtime
         self.registry = Registry(worker_id)
         self.reuse_port = reuse_port
         self.listeners = listeners or {}  # str(address) -> an inherited listening socket
@@ -91,6 +92,7 @@ class Worker:
     def run(self):
         """Bind, serve until a signal, drain within shutdown-timeout; return the exit code."""
         self.bind()
+        runtime.apply_all(self.routes, self.registry, self.changes)
         handlers = {signal.SIGTERM: self.handle_term, signal.SIGQUIT: self.handle_quit,
                     signal.SIGUSR1: self.handle_usr1}
         if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:  # not forked by the supervisor
@@ -176,7 +178,7 @@ def worker_config(config, index, count):
 
 
 def worker_process(config, index, count, heartbeats, slot, generation, listeners,
-                   supervisor_pid, control_dir=None):
+                   supervisor_pid, control_dir=None, changes=None):
     """The body of a forked worker: title, heartbeat, serve; returns the exit code."""
     try:
         import setproctitle
@@ -184,7 +186,7 @@ def worker_process(config, index, count, heartbeats, slot, generation, listeners
     except ImportError:
         pass
     worker = Worker(worker_config(config, index, count), worker_id=os.getpid(), reuse_port=True,
-                    listeners=listeners)
+                    listeners=listeners, changes=changes)
     control_server = None
     if control_dir is not None:
         control_server = ControlServer(worker, control_dir, index, generation)

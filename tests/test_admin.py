@@ -235,7 +235,8 @@ def test_route_totals_sum_the_workers_that_answered():
         "top_hosts": [{"host": "10.0.0.1", "connections": 5},
                       {"host": "10.0.0.3", "connections": 1},
                       {"host": "10.0.0.2", "connections": 1}],
-        "destinations": {"127.0.0.1:9001": {"up": 1, "down": 1, "active": 5}}}}
+        "destinations": {"127.0.0.1:9001": {"up": 1, "down": 1, "active": 5,
+                                            "state": "ready", "weight": 1}}}}
 
 
 def scrape(daemon):

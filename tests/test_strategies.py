@@ -112,8 +112,9 @@ def test_round_robin_with_weights_is_smooth():
 @given(st.lists(st.integers(0, 12), min_size=1, max_size=6).filter(any))
 def test_weighted_shares_are_exact_per_period_and_never_bursty(weights):
     """Over each period (the weights' sum) every destination is picked exactly its weight
-    times, at every prefix within one pick of its share, and a weight-0 one is never offered
-    (not even for failover)."""
+    times, at every turn less than two picks from its share (smooth weighted round-robin
+    strays just over one: weights 1, 1, 1, 11, 11 after 16 turns), and a weight-0 one is
+    never offered (not even for failover)."""
     text = ", ".join(f"h{i}:{i + 1} weight={w}" for i, w in enumerate(weights))
     r = route("round-robin", text)
     total = sum(weights)
@@ -122,8 +123,8 @@ def test_weighted_shares_are_exact_per_period_and_never_bursty(weights):
         offered = names(r.candidates(0.0))
         assert all(weights[int(name[1:])] for name in offered)
         counts[int(offered[0][1:])] += 1
-        for i, weight in enumerate(weights):  # |count - turn * weight / total| <= 1
-            assert abs(counts[i] * total - turn * weight) <= total
+        for i, weight in enumerate(weights):  # |count - turn * weight / total| < 2
+            assert abs(counts[i] * total - turn * weight) < 2 * total
     assert counts == {i: 2 * w for i, w in enumerate(weights)}
 
 

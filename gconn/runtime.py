@@ -1,0 +1,81 @@
+"""Destination state set at runtime (HAProxy's ``set server state drain|maint|ready`` and
+``set server weight``), and blocked hosts lifted at once, as one worker applies them.
+
+The supervisor keeps what was set (and the state file, if any) and sends each change to every
+worker over its control socket (control.py); a worker it starts later, after a reload or a
+restart, is handed all of it before it serves.  Here a change is applied to the worker's
+routes: ``drain`` takes no new connection, live ones go on; ``maint`` takes none either and,
+after ``grace`` seconds, ends the live connections to that destination (``end=maint``, from
+each connection's own greenlet: it is killed with ``Maintenance``); ``ready`` serves again;
+``weight`` replaces the configured weight.
+"""
+
+import logging
+
+import gevent
+from gevent import GreenletExit
+
+STATES = ("ready", "drain", "maint")
+LOGGER = logging.getLogger("gconn.runtime")
+
+
+class Maintenance(GreenletExit):
+    """Kills a session whose destination was put in maintenance (end reason ``maint``)."""
+
+
+class UnknownTarget(ValueError):
+    """A change that names no route or destination of this worker, or a bad value."""
+
+
+def find(routes, route_name, destination_name):
+    """(route, destination) of this worker by their names; UnknownTarget otherwise."""
+    for route in routes:
+        if route.name == route_name:
+            for destination in route.destinations.destinations:
+                if destination.name == destination_name:
+                    return route, destination
+            raise UnknownTarget(f"route {route_name} has no destination {destination_name}")
+    raise UnknownTarget(f"no route {route_name}")
+
+
+def apply(routes, registry, route_name, destination_name, state=None, weight=None, grace=0.0):
+    """Apply one change in this worker; the destination's state and weight after it."""
+    if state not in (None, *STATES):
+        raise UnknownTarget(f"state must be one of {', '.join(STATES)}")
+    route, destination = find(routes, route_name, destination_name)
+    with route.destinations.lock.writing():
+        destination.set_runtime(state, weight)
+    if state == "maint":
+        gevent.spawn_later(grace, end_sessions, registry, destination, destination.generation)
+    LOGGER.info("route=%s destination %s: state=%s weight=%d", route_name, destination_name,
+                destination.state, destination.base_weight)
+    return {"state": destination.state, "weight": destination.base_weight}
+
+
+def end_sessions(registry, destination, generation):
+    """End the live sessions to ``destination`` (in maintenance since ``generation``, unless
+    it was set again meanwhile)."""
+    if destination.state != "maint" or destination.generation != generation:
+        return
+    for session in registry:
+        if session.destination is destination and session.greenlet is not None:
+            session.greenlet.kill(Maintenance, block=False)
+
+
+def apply_all(routes, registry, changes):
+    """Apply every change the supervisor kept (a new worker, before it serves); changes for
+    routes or destinations this config no longer has are skipped."""
+    for (route_name, destination_name), change in changes.items():
+        try:
+            apply(routes, registry, route_name, destination_name, change.get("state"),
+                  change.get("weight"))
+        except UnknownTarget:
+            continue
+
+
+def unblock(routes, route_name, host):
+    """Lift ``host``'s block on the route named ``route_name``; whether it was blocked."""
+    for route in routes:
+        if route.name == route_name:
+            return route.blocker.unblock(host)
+    raise UnknownTarget(f"no route {route_name}")
