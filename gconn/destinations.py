@@ -103,7 +103,11 @@ class RouteDestinations:
     """
 
     def __init__(self, specs, strategy, send_proxy="no", tls=False):
-        self.destinations = tuple(Destination(spec, send_proxy, tls) for spec in specs)
+        self.send_proxy, self.tls = send_proxy, tls  # the route's, for discovered ones
+        self.static = tuple(Destination(spec, send_proxy, tls) for spec in specs
+                            if not spec.discover)
+        self.discovered = ()  # what dns: and srv: destinations resolved to (discovery.py)
+        self.destinations = self.static
         self.choose = STRATEGIES[strategy]
         self.turn = 0
         self.lock = RWLock()
@@ -114,6 +118,35 @@ class RouteDestinations:
             chosen = self.choose(self.destinations, self.turn, now)
         self.turn += 1
         return chosen
+
+    def update(self, found):
+        """Make ``found`` (plain specs a lookup gave) the discovered destinations, beside the
+        configured ones: one that appears is added, one still there keeps its state and
+        counts, one that disappeared takes no new connection (state ``removed``) and leaves
+        once its live connections ended.  Returns the Destinations added."""
+        with self.lock.writing():
+            previous = {d.name: d for d in self.discovered}
+            kept, added = {}, []
+            for spec in found:
+                name = str(spec.address)
+                if name in kept:
+                    continue
+                destination = previous.pop(name, None)
+                if destination is None:
+                    destination = Destination(spec, self.send_proxy, self.tls)
+                    added.append(destination)
+                else:  # its weight stays: one set at runtime wins over the records
+                    destination.backup = spec.backup
+                    if destination.state == "removed":  # it came back
+                        destination.set_runtime("ready")
+                kept[name] = destination
+            for name, destination in previous.items():  # gone from DNS
+                if destination.active:
+                    destination.set_runtime("removed")
+                    kept[name] = destination
+            self.discovered = tuple(kept.values())
+            self.destinations = self.static + self.discovered
+        return added
 
     def check_result(self, destination, ok, rise, fall):
         """Record a health check on ``destination``; True when its health changed."""

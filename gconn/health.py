@@ -34,6 +34,11 @@ class HealthChecks:
             self.jobs = [gevent.spawn(self.watch, destination)
                          for destination in self.route.destinations.destinations]
 
+    def watch_new(self, destinations):
+        """Check ``destinations`` too (added by discovery), when checks run."""
+        if self.route.config.check_interval > 0 and self.jobs:
+            self.jobs += [gevent.spawn(self.watch, destination) for destination in destinations]
+
     def stop(self):
         """Stop every job."""
         gevent.killall(self.jobs, block=False)
@@ -53,6 +58,8 @@ class HealthChecks:
         config = self.route.config
         while True:
             gevent.sleep(config.check_interval)
+            if destination not in self.route.destinations.destinations:
+                return  # discovery dropped it
             try:
                 connection = connect(destination.address, config.connect_timeout,
                                      config.source)

@@ -43,6 +43,7 @@ class Route:
         self.destinations = RouteDestinations(config.destinations, config.strategy,
                                               config.send_proxy, config.destination_tls)
         self.health = HealthChecks(self)
+        self.discovery = None  # resolves dns: and srv: destinations (the worker sets it up)
         self.admission = Admission(config.max_connections, config.max_queued)
         self.blocker = HostBlocker(config.max_connect_errors, config.blocked_host_time)
         self.hosts = HostLimits(config.max_connections_per_host,
@@ -211,6 +212,8 @@ class Route:
         if self.server is not None:
             self.server.start()
         self.health.start()
+        if self.discovery is not None:
+            self.discovery.start()
         shared = "" if self.owner is self else f" (by server name, on route {self.owner.name}'s" \
                                                 f" listener)"
         LOGGER.info("listening route=%s address=%s%s", self.name, self.address, shared)
@@ -221,6 +224,8 @@ class Route:
         if self.server is not None:
             self.server.close()
         self.health.stop()
+        if self.discovery is not None:
+            self.discovery.stop()
         for waiter in self.admission.drop_waiting():  # counted there; each wakes and leaves
             waiter.woken.set()
         if self.config.bind.family == "unix" and self.owns_address:

@@ -89,6 +89,8 @@ class DestinationSpec:
     send_proxy: str | None = None  # this destination's send-proxy; None: the route's
     tls: bool | None = None  # this destination's destination-tls; None: the route's
     weight: int | None = None  # its share of new connections; None: 1 (0: no new ones)
+    discover: str | None = None  # "dns" (every address of host, on port) or "srv" (host's
+    # SRV records): discovery.py resolves it into destinations; None: this one address
 
     def uses_tls(self, route_tls):
         """Whether connections to it use TLS: its own ``tls=``, else the route's
@@ -97,6 +99,10 @@ class DestinationSpec:
 
     def __str__(self):
         words = [str(self.address)]
+        if self.discover == "dns":
+            words = [f"dns:{self.address}"]
+        elif self.discover == "srv":
+            words = [f"srv:{self.address.host}"]
         if self.backup:
             words.append("backup")
         if self.send_proxy is not None:
@@ -272,6 +278,40 @@ def parse_address(text, *, listening=False):
     return Address("tcp", host=host, port=int(port_text))
 
 
+def parse_discovered(text):
+    """A destination's address: ``dns:NAME:PORT`` (every A/AAAA address of NAME, on PORT),
+    ``srv:_service._proto.NAME`` (its SRV records), or a plain address -> (Address, "dns" |
+    "srv" | None)."""
+    kind, colon, rest = text.partition(":")
+    if colon and kind in ("dns", "srv"):
+        if kind == "srv":
+            name = rest.strip(".")
+            if not name or any(c.isspace() for c in name):
+                raise ValueError("expected srv:_service._proto.NAME")
+            return Address("tcp", host=name, port=0), "srv"
+        address = parse_address(rest)
+        if address.family != "tcp" or ":" in address.host:
+            raise ValueError("expected dns:NAME:PORT")
+        return address, "dns"
+    return parse_address(text), None
+
+
+def parse_resolvers(text):
+    """``resolvers``: comma-separated ``host:port`` name servers (IP addresses) -> a tuple of
+    (ip, port); empty: the system's (/etc/resolv.conf)."""
+    servers = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        address = parse_address(item)
+        try:
+            ipaddress.ip_address(address.host)
+        except ValueError:
+            raise ValueError(f"{item!r}: a name server is an IP address and port") from None
+        servers.append((address.host, address.port))
+    return tuple(servers)
+
+
 def parse_bind(text):
     """The listening address of a route."""
     return parse_address(text, listening=True)
@@ -293,7 +333,7 @@ def parse_destinations(text):
         if not words:
             continue
         try:
-            address = parse_address(words[0])
+            address, discover = parse_discovered(words[0])
         except ValueError as error:
             raise ValueError(f"{words[0]!r}: {error}") from None
         backup, send_proxy, tls, weight = False, None, None, None
@@ -312,7 +352,7 @@ def parse_destinations(text):
                 raise ValueError(f"{item.strip()!r}: expected host:port, then optionally "
                                  f"'backup', 'send-proxy=no|v1|v2', 'tls=yes|no' and "
                                  f"'weight=0..{MAX_WEIGHT}'")
-        entries.append(DestinationSpec(address, backup, send_proxy, tls, weight))
+        entries.append(DestinationSpec(address, backup, send_proxy, tls, weight, discover))
     if not entries:
         raise ValueError("expected at least one destination host:port")
     return tuple(entries)
@@ -327,8 +367,9 @@ parse_source.allowed = "an IP address, or empty"
 parse_paths.allowed = "file paths, comma-separated"
 parse_server_names.allowed = "host names or *.suffix wildcards, comma-separated"
 parse_bind.allowed = "host:port | [ipv6]:port | unix:/path"
-parse_destinations.allowed = ("host:port [backup] [send-proxy=no|v1|v2] [tls=yes|no] "
-                              "[weight=N], ...")
+parse_resolvers.allowed = "ip:port name servers, comma-separated, or empty"
+parse_destinations.allowed = ("host:port | dns:NAME:PORT | srv:_svc._proto.NAME [backup] "
+                              "[send-proxy=no|v1|v2] [tls=yes|no] [weight=N], ...")
 parse_admin_address.allowed = "host:port | [ipv6]:port | unix:/path | empty"
 
 
@@ -386,6 +427,9 @@ SETTINGS = (
             "where the daemon's log goes: - for stderr, or a file path"),
     Setting("access-log", PROCESS, parse_text, "-",
             "one line per finished connection: - for stderr, a file path, or off"),
+    Setting("resolvers", PROCESS, parse_resolvers, "",
+            "name servers (ip:port, comma-separated) that resolve dns: and srv: destinations; "
+            "empty: the system's, from /etc/resolv.conf"),
     Setting("state-file", PROCESS, parse_text, "",
             "a file where destination states and weights set at runtime (POST "
             "/destinations, gconn ctl) are kept, so that a restart keeps them (HAProxy's "
@@ -399,8 +443,13 @@ SETTINGS = (
             "append 'backup' to a fallback destination, 'send-proxy=no|v1|v2' or "
             "'tls=yes|no' to override the route's send-proxy or destination-tls for one, "
             "'weight=N' (0-256, default 1) for its share of new connections under "
-            "round-robin and least-connections (0: none)",
+            "round-robin and least-connections (0: none); dns:NAME:PORT makes every address "
+            "NAME resolves to a destination, srv:_service._proto.NAME its SRV records "
+            "(re-resolved every resolve-interval)",
             flag="--destination", repeatable=True),
+    Setting("resolve-interval", ROUTE, duration_at_least(0.1, "100ms"), "30s",
+            "how often dns: and srv: destinations are resolved again (and at once on HUP); a "
+            "failed or empty lookup keeps the last good set"),
     Setting("strategy", ROUTE, one_of(STRATEGIES), "first-available",
             "how a destination is picked for each new connection"),
     Setting("max-connections", ROUTE, integer_between(1, 10_000_000), "10000",

@@ -311,7 +311,10 @@ class Supervisor:
         self.config = config
         known = {(route.name, str(spec.address)) for route in config.routes
                  for spec in route.destinations}
-        for key in [key for key in self.changes if key not in known]:
+        discovering = {route.name for route in config.routes
+                       if any(spec.discover for spec in route.destinations)}
+        for key in [key for key in self.changes
+                    if key not in known and key[0] not in discovering]:
             del self.changes[key]  # its route or destination left the config
         self.prune_slot_listeners()
         self.check_capacity(config)
@@ -342,7 +345,8 @@ class Supervisor:
         route = next((r for r in self.config.routes if r.name == route_name), None)
         if route is None:
             raise ValueError(f"no route {route_name!r}")
-        if destination_name not in {str(spec.address) for spec in route.destinations}:
+        if not any(spec.discover for spec in route.destinations) and \
+                destination_name not in {str(spec.address) for spec in route.destinations}:
             raise ValueError(f"route {route_name} has no destination {destination_name!r}")
         change = self.changes.setdefault((route_name, destination_name), {})
         if state is not None:

@@ -20,6 +20,7 @@ from gevent.event import Event
 
 from . import log, metrics, runtime
 from .control import ControlServer
+from .discovery import Discovery
 from .registry import Registry
 from .route import Route
 from .sockets import open_sockets, process_usage
@@ -64,6 +65,9 @@ class Worker:
                 routes = [first] + [Route(config, self.registry, shares=first)
                                     for config in configs[1:]]
                 self.routes.extend(routes)
+                for route in routes:
+                    if any(spec.discover for spec in route.config.destinations):
+                        route.discovery = Discovery(route, self.config.process.resolvers)
                 if any(config.server_names for config in configs):
                     first.pick_by_server_name(routes)
         except BaseException:
