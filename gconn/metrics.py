@@ -44,6 +44,9 @@ class _Metrics:
         self.forwarded = counter("gconn_forwarded_bytes_total",
                                  "Bytes forwarded; up is client to destination",
                                  ["route", "destination", "direction"])
+        self.discovery_failures = counter(
+            "gconn_discovery_failures_total",
+            "Lookups of dns: and srv: destinations that failed or found nothing", route)
         self.spliced = counter("gconn_spliced_bytes_total",
                                "Bytes forwarded by splice, never copied into the process")
         self.destination_connections = counter(
@@ -166,6 +169,8 @@ def flush(routes):
             total("shed", (name, reason), count)
         for end, count in route.ended.items():
             total("ended", (name, end), count)
+        if route.discovery is not None:
+            total("discovery_failures", (name,), route.discovery.failures)
         for destination in route.destinations.destinations:
             address = destination.name
             total("destination_connections", (name, address), destination.connected_total)

@@ -7,6 +7,7 @@ import os
 import socket
 import socketserver
 import threading
+import urllib.request
 
 import dns.flags
 import dns.message
@@ -145,6 +146,10 @@ def test_scale_out_scale_in_and_dns_down(zone, backends, start_daemon):
     zone.down = True
     daemon.wait_contains("lookup failed, keeping the last 2 destinations", since=mark)
     assert tags(daemon.port()) == {"127.0.0.3", "127.0.0.4"}
+    with urllib.request.urlopen(f"http://{daemon.admin}/metrics", timeout=10) as response:
+        scraped = response.read().decode()
+    assert any(line.startswith('gconn_discovery_failures_total{route="default"}')
+               and float(line.split()[-1]) >= 1 for line in scraped.splitlines())
     zone.down = False
     daemon.wait_contains("lookups answer again", since=mark)
 
