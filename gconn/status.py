@@ -38,6 +38,7 @@ def render(totals):
                          if count) or "0"
         destinations = ", ".join(
             f"{address} {entry['up']}/{entry['down']}"
+            + ("" if entry.get("state", "ready") == "ready" else f" {entry['state']}")
             for address, entry in route["destinations"].items())
         lines.append(f"{name:<16} {route['address']:<22} "
                      f"{route['active']:>6}/{route['limit']:<7} {route['queued']:>8} "

@@ -111,6 +111,9 @@ def test_a_state_set_at_runtime_is_kept_over_a_reload_and_a_restart(tmp_path, ta
     assert {which_tag(again.port()) for _ in range(6)} == {"d1"}
     status = json.loads(urllib.request.urlopen(f"http://{again.admin}/status").read())
     assert status["routes"]["default"]["destinations"][d0]["state"] == "drain"
+    printed = subprocess.run([sys.executable, "-m", "gconn", "status", "--admin", again.admin],
+                             capture_output=True, text=True, timeout=30).stdout
+    assert f"{d0} 1/0 drain" in printed
 
 
 def test_unblock_lifts_a_blocked_host_at_once(tag_servers, start_daemon):
