@@ -354,6 +354,17 @@ def _route_config(section_name, route_values):
     parsed = {BY_NAME[key].attribute: _check(BY_NAME[key], value.text, value.source,
                                                section_name)
               for key, value in route_values.items()}
+    if parsed["check"] == "send-expect":
+        expect = route_values.get("check-expect")
+        try:
+            re.compile(parsed["check_expect"].encode("latin-1"))
+            if not parsed["check_expect"]:
+                raise re.error("empty")
+        except (re.error, UnicodeError) as error:
+            raise ConfigError(f"check = send-expect needs check-expect, a regular expression "
+                              f"the answer must match ({error})",
+                              source=expect.source if expect else "check = send-expect",
+                              key="check-expect", section=section_name) from None
     if parsed["strategy"] != "round-robin-with-fallback" and any(
             spec.backup for spec in parsed["destinations"]):
         raise ConfigError("'backup' destinations need strategy round-robin-with-fallback",

@@ -1,5 +1,13 @@
 """Active health checks: one re-arming check job per destination, not one per connection.
 
+A route's ``check`` says what a check asks: ``tcp`` (below), ``http`` (GET check-path, the
+status must be check-expect-status: Patroni's ``/primary`` on 8008 answers 200 on the primary
+only) or ``send-expect`` (send check-send, the answer must match the regular expression
+check-expect: Redis's ``INFO replication`` and ``role:master``), on check-port when set.  Jobs
+start with a random share of the interval (no herd on start or reload).  With
+``on-marked-down = shutdown-sessions`` a destination the checks take down has its live
+connections closed (``end=destination_down``), so clients reconnect to one that is up.
+
 Each job sleeps check-interval, tries a TCP connect within connect-timeout (with send-proxy,
 sends a v1 UNKNOWN or v2 LOCAL PROXY header, as HAProxy's checks do; on a ``protocol = mysql``
 route, reads the greeting, logs in as check-user and quits, as HAProxy's ``mysql-check user``
@@ -10,13 +18,20 @@ cannot even open a socket (this process out of descriptors) gives no verdict.
 """
 
 import logging
+import random
+import re
 import socket
+import time
 
 import gevent
 
+from . import runtime
 from .errors import DestinationUnavailable, ResourceExhausted
 from .protocols import mysql, proxy
-from .sockets import connect
+from .settings import Address
+from .sockets import connect, receive_within, send_within
+
+ANSWER_LIMIT = 65536  # bytes of a check's answer read at most
 
 LOGGER = logging.getLogger("gconn.health")
 
@@ -54,30 +69,87 @@ class HealthChecks:
             pass
 
     def watch(self, destination):
-        """Check ``destination`` every check-interval for as long as the route serves."""
+        """Check ``destination`` every check-interval for as long as the route serves, the
+        first time after a random share of it."""
         config = self.route.config
+        gevent.sleep(random.uniform(0, config.check_interval))
         while True:
-            gevent.sleep(config.check_interval)
             if destination not in self.route.destinations.destinations:
                 return  # discovery dropped it
             try:
-                connection = connect(destination.address, config.connect_timeout,
-                                     config.source)
-                try:
-                    if destination.send_proxy != "no":  # it expects a header: send one
-                        proxy.send_header(connection, proxy.check_header(destination.send_proxy),
-                                          config.connect_timeout)
-                    if destination.tls:  # a TLS destination must complete a handshake
-                        self.check_tls(connection, destination)
-                    elif config.protocol == "mysql":
-                        mysql.check(connection, config.check_user, config.connect_timeout)
-                finally:
-                    connection.close()
-                ok = True
+                ok = self.probe(destination)
             except DestinationUnavailable:
                 ok = False
             except ResourceExhausted:
-                continue
-            if self.route.destinations.check_result(destination, ok, config.rise, config.fall):
+                ok = None  # no verdict
+            if ok is not None and self.route.destinations.check_result(
+                    destination, ok, config.rise, config.fall):
                 LOGGER.warning("route=%s destination %s is %s", self.route.name,
                                destination.address, "up" if ok else "down")
+                if not ok and config.on_marked_down == "shutdown-sessions":
+                    runtime.end_sessions(self.route.registry, destination, DestinationDown)
+            gevent.sleep(config.check_interval)
+
+    def probe(self, destination):
+        """One check of ``destination``: True when it answered as expected (False when it
+        answered otherwise); DestinationUnavailable when it could not be reached."""
+        config = self.route.config
+        address = destination.address
+        if config.check_port:
+            address = Address("tcp", host=address.host, port=config.check_port)
+        connection = connect(address, config.connect_timeout, config.source)
+        try:
+            if config.check == "http":
+                return self.http(connection, address)
+            if config.check == "send-expect":
+                return self.send_expect(connection)
+            if destination.send_proxy != "no":  # it expects a header: send one
+                proxy.send_header(connection, proxy.check_header(destination.send_proxy),
+                                  config.connect_timeout)
+            if destination.tls:  # a TLS destination must complete a handshake
+                self.check_tls(connection, destination)
+            elif config.protocol == "mysql":
+                mysql.check(connection, config.check_user, config.connect_timeout)
+            return True
+        finally:
+            connection.close()
+
+    def exchange(self, connection, request, done):
+        """Send ``request`` and read the answer until ``done(answer)``, the peer's end, the
+        limit or connect-timeout; the answer read."""
+        deadline = time.monotonic() + self.route.config.connect_timeout
+        try:
+            if request and not send_within(connection, request, deadline):
+                return b""
+            answer = b""
+            while not done(answer) and len(answer) < ANSWER_LIMIT:
+                data = receive_within(connection, ANSWER_LIMIT - len(answer), deadline)
+                if not data:
+                    break
+                answer += data
+        except OSError as error:
+            raise DestinationUnavailable(f"check: {error.strerror or error}") from None
+        return answer
+
+    def http(self, connection, address):
+        """GET check-path; whether the status is check-expect-status."""
+        config = self.route.config
+        request = (f"GET {config.check_path} HTTP/1.0\r\nHost: {address.host}\r\n"
+                   f"User-Agent: gconn-check\r\nConnection: close\r\n\r\n").encode()
+        answer = self.exchange(connection, request, lambda data: b"\r\n" in data)
+        words = answer.split(b"\r\n", 1)[0].split()
+        return len(words) >= 2 and words[1] == str(config.check_expect_status).encode()
+
+    def send_expect(self, connection):
+        """Send check-send; whether the answer matches check-expect."""
+        config = self.route.config
+        pattern = re.compile(config.check_expect.encode("latin-1"))
+        answer = self.exchange(connection, config.check_send,
+                               lambda data: pattern.search(data) is not None)
+        return pattern.search(answer) is not None
+
+
+class DestinationDown(runtime.Maintenance):
+    """Kills a session whose destination the checks took down (end ``destination_down``)."""
+
+    END = "destination_down"

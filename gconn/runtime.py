@@ -46,20 +46,24 @@ def apply(routes, registry, route_name, destination_name, state=None, weight=Non
     with route.destinations.lock.writing():
         destination.set_runtime(state, weight)
     if state == "maint":
-        gevent.spawn_later(grace, end_sessions, registry, destination, destination.generation)
+        gevent.spawn_later(grace, end_maintained, registry, destination, destination.generation)
     LOGGER.info("route=%s destination %s: state=%s weight=%d", route_name, destination_name,
                 destination.state, destination.base_weight)
     return {"state": destination.state, "weight": destination.base_weight}
 
 
-def end_sessions(registry, destination, generation):
-    """End the live sessions to ``destination`` (in maintenance since ``generation``, unless
+def end_maintained(registry, destination, generation):
+    """End the live sessions to ``destination`` in maintenance since ``generation`` (unless
     it was set again meanwhile)."""
-    if destination.state != "maint" or destination.generation != generation:
-        return
+    if destination.state == "maint" and destination.generation == generation:
+        end_sessions(registry, destination, Maintenance)
+
+
+def end_sessions(registry, destination, exception):
+    """Kill the greenlets of the live sessions to ``destination`` with ``exception``."""
     for session in registry:
         if session.destination is destination and session.greenlet is not None:
-            session.greenlet.kill(Maintenance, block=False)
+            session.greenlet.kill(exception, block=False)
 
 
 def apply_all(routes, registry, changes):

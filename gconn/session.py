@@ -148,10 +148,11 @@ class Session:
             local.set_error("fd_exhausted", str(error))
             LOGGER.warning("%s", error)
             end = "fd_exhausted"
-        except Maintenance:
-            local.set_error("maint", f"destination {self.context.destination} put in "
-                                     f"maintenance")
-            end = "maint"
+        except Maintenance as ending:  # maint, or checks took the destination down
+            end = getattr(ending, "END", "maint")
+            local.set_error(end, f"destination {self.context.destination} "
+                                 + ("put in maintenance" if end == "maint" else
+                                    "taken down by health checks"))
         except GreenletExit:
             local.set_error("shutdown", f"cut in phase {self.context.phase} by shutdown")
             end = "shutdown"

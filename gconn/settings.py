@@ -49,6 +49,7 @@ PROXY_VERSIONS = ("no", "v1", "v2", "any")  # accept-proxy: which PROXY headers 
 SEND_PROXY_VERSIONS = ("no", "v1", "v2")  # send-proxy: which PROXY header is written
 TLS_VERSIONS = ("1.2", "1.3")  # tls-min-version
 MAX_WEIGHT = 256  # a destination's weight=N at most (HAProxy's bound)
+CHECKS = ("tcp", "http", "send-expect")  # what a health check asks
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _DURATION_UNITS = {"ms": MILLISECONDS, "s": SECONDS, "m": MINUTES, "h": HOURS, "d": DAYS,
@@ -537,6 +538,24 @@ SETTINGS = (
     Setting("check-interval", ROUTE, parse_duration, "0",
             "active health checks: TCP connect to each destination this often; 0: none "
             "(a failed destination is then skipped for retry-interval)"),
+    Setting("check", ROUTE, one_of(CHECKS), "tcp",
+            "what a health check asks: tcp connects; http sends GET check-path and expects "
+            "check-expect-status (e.g. Patroni's /primary on 8008); send-expect sends "
+            "check-send and expects check-expect in the answer (e.g. INFO replication -> "
+            "role:master)"),
+    Setting("check-port", ROUTE, integer_between(0, 65535), "0",
+            "the port health checks probe on each destination's host; 0: its traffic port"),
+    Setting("check-path", ROUTE, parse_text, "/",
+            "check = http: the path requested"),
+    Setting("check-expect-status", ROUTE, integer_between(100, 599), "200",
+            "check = http: the status that means up"),
+    Setting("check-send", ROUTE, parse_escaped_bytes, "",
+            "check = send-expect: the bytes sent (escapes allowed: INFO replication\\r\\n)"),
+    Setting("check-expect", ROUTE, parse_text, "",
+            "check = send-expect: a regular expression the answer must match (role:master)"),
+    Setting("on-marked-down", ROUTE, one_of(("keep", "shutdown-sessions")), "keep",
+            "when checks take a destination down: keep its live connections, or close them "
+            "(end=destination_down) so that clients reconnect to one that is up"),
     Setting("check-user", ROUTE, parse_text, "gconn_check",
             "protocol mysql: the user a health check logs in as (empty password) before it "
             "quits, so the server does not count the check as a failed handshake; a missing "
