@@ -112,10 +112,11 @@ class RouteDestinations:
         self.turn = 0
         self.lock = RWLock()
 
-    def candidates(self, now):
-        """The destinations to try for one new connection, in order; advances the turn."""
+    def candidates(self, now, client=None):
+        """The destinations to try for one new connection (from the host ``client``), in
+        order; advances the turn."""
         with self.lock.reading():
-            chosen = self.choose(self.destinations, self.turn, now)
+            chosen = self.choose(self.destinations, self.turn, now, client)
         self.turn += 1
         return chosen
 

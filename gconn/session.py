@@ -187,7 +187,7 @@ class Session:
         else:  # its queue is full too: a route sharing a bind by name shares that bind's
             raise Shed(decision, "queue full")  # pool, so its own places may all be taken
         self.context.phase = "connecting"
-        candidates = route.destinations.candidates(time.monotonic())
+        candidates = route.destinations.candidates(time.monotonic(), client_host(self.address))
         if not candidates:
             route.admission.count_shed(NO_DESTINATION)
             raise Shed(NO_DESTINATION, f"route {route.name}: no destination available")

@@ -42,6 +42,7 @@ STRATEGIES = (
     "round-robin",
     "round-robin-with-fallback",
     "least-connections",
+    "source-hash",
 )
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOOPS = ("default", "epoll", "poll", "select", "libuv")

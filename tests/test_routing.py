@@ -45,6 +45,23 @@ def test_weighted_round_robin_shares_connections_by_weight(tag_servers, start_da
     assert seen[:8] == ["d0", "d0", "d1", "d0"] * 2
 
 
+def test_source_hash_keeps_each_client_host_on_its_destination(tag_servers, start_daemon):
+    """100 connections from one client host all reach one destination; eight hosts spread
+    over more than one (two workers: the hash, not a per-worker turn, decides)."""
+    from test_shedding import bound_client
+    servers = tag_servers(3)
+    daemon = start_daemon("--bind", "127.0.0.1:0", "--strategy", "source-hash", "--workers", "2",
+                          *destination_flags(servers))
+
+    def tag_from(source):
+        with bound_client(source, daemon.port()) as client:
+            with client.makefile("rb") as reader:
+                return reader.readline().decode().strip()
+
+    assert len({tag_from("127.0.0.2") for _ in range(100)}) == 1
+    assert len({tag_from(f"127.0.0.{n}") for n in range(3, 11)}) > 1
+
+
 def test_first_available_goes_back_to_the_head(tag_servers, start_daemon):
     """first-available serves from d0 always; while d0 is down, d1; then d0 again."""
     servers = tag_servers(3)

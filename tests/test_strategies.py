@@ -85,7 +85,7 @@ def test_least_connections_prefers_the_least_busy():
 
 
 @pytest.mark.parametrize("strategy", ["next-available", "round-robin", "least-connections",
-                                      "round-robin-with-fallback"])
+                                      "round-robin-with-fallback", "source-hash"])
 def test_every_strategy_offers_nothing_when_all_are_down(strategy):
     """With every destination failed and not yet due for retry, no candidate is offered."""
     r = route(strategy)
@@ -129,7 +129,8 @@ def test_weighted_shares_are_exact_per_period_and_never_bursty(weights):
 
 
 @pytest.mark.parametrize("strategy", ["first-available", "next-available", "round-robin",
-                                      "round-robin-with-fallback", "least-connections"])
+                                      "round-robin-with-fallback", "least-connections",
+                                      "source-hash"])
 def test_weight_zero_takes_no_new_connection_under_any_strategy(strategy):
     r = route(strategy, "a:1 weight=0, b:2, c:3 backup")
     assert all("a" not in order for order in orders(r, 4))
@@ -149,3 +150,39 @@ def test_least_connections_counts_connections_per_unit_of_weight():
 def test_a_bad_weight_is_refused_saying_what_is_allowed(text):
     with pytest.raises(ValueError, match="weight=0..256"):
         parse_destinations(text)
+
+
+# source-hash ----------------------------------------------------------------------------------
+
+CLIENTS = [f"10.{n // 65536}.{n // 256 % 256}.{n % 256}" for n in range(4000)]
+
+
+def first_for(routes, client):
+    return names(routes.candidates(0.0, client))[0]
+
+
+def test_source_hash_keeps_a_client_on_one_destination():
+    r = route("source-hash", "a:1, b:2, c:3, d:4")
+    assert len({first_for(r, "192.0.2.7") for _ in range(100)}) == 1
+    assert {first_for(r, client) for client in CLIENTS[:200]} == {"a", "b", "c", "d"}
+
+
+def test_source_hash_moves_only_the_clients_of_a_destination_that_leaves():
+    """One of four goes down: exactly the clients it had move (about a quarter), nobody
+    else; when it comes back they return."""
+    r = route("source-hash", "a:1, b:2, c:3, d:4")
+    before = {client: first_for(r, client) for client in CLIENTS}
+    r.destinations[1].healthy = False
+    after = {client: first_for(r, client) for client in CLIENTS}
+    moved = {client for client in CLIENTS if before[client] != after[client]}
+    assert moved == {client for client in CLIENTS if before[client] == "b"}
+    assert 0.18 < len(moved) / len(CLIENTS) < 0.32
+    r.destinations[1].healthy = True
+    assert {client: first_for(r, client) for client in CLIENTS} == before
+
+
+@given(st.integers(1, 5))
+def test_source_hash_shares_clients_by_weight(weight):
+    r = route("source-hash", f"a:1 weight={weight}, b:2")
+    share = sum(first_for(r, client) == "a" for client in CLIENTS) / len(CLIENTS)
+    assert abs(share - weight / (weight + 1)) < 0.05
