@@ -25,7 +25,7 @@ import time
 
 from gevent.server import StreamServer
 
-from .admission import BLOCKED_HOST, DENIED, QUEUE_FULL
+from .admission import QUEUE_FULL
 from .sockets import RESOURCE_ERRORS, client_host, descriptor_capacity
 
 LOGGER = logging.getLogger("gconn.listener")
@@ -85,25 +85,21 @@ class Acceptor(StreamServer):
         # server name the route is not known yet: the connection's greenlet checks the
         # client host (the one its PROXY header names) instead
         host = None if route.checks_host_later else client_host(address)
+        now = time.monotonic()
         if host is not None:
-            if route.filters_hosts and route.denies(host):
-                route.admission.count_shed(DENIED)
-                return route.deny(client, address)
-            now = time.monotonic()
-            if route.blocker.blocked(host, now):
-                route.admission.count_shed(BLOCKED_HOST)
-                return route.shed(client, address, BLOCKED_HOST,
-                                  "client host blocked after max-connect-errors failures")
+            reason, why = route.refused_host(host, now)
+            if reason is not None:
+                return route.shed(client, address, reason, why)
         if self.pool.full():
             route.admission.count_shed(QUEUE_FULL)
             return route.shed(client, address, QUEUE_FULL,
                               f"all {self.pool.size} places (active and queued) taken")
-        if host is not None and host != "unix":
+        if host == "unix":  # a unix-socket peer has no host to count
+            host = None
+        if host is not None:
             reason, why = route.host_limited(host, now)
             if reason is not None:
                 return route.shed(client, address, reason, why)
-        else:
-            host = None
         self.registry.spawned()
         try:
             self._spawn(route.serve, client, address, host)

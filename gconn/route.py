@@ -15,7 +15,7 @@ import time
 from gevent.pool import Pool
 
 from . import local, metrics
-from .admission import DENIED, HOST_LIMIT, Admission, HostBlocker, HostLimits
+from .admission import BLOCKED_HOST, DENIED, HOST_LIMIT, Admission, HostBlocker, HostLimits
 from .destinations import RouteDestinations
 from .errors import DestinationUnavailable
 from .health import HealthChecks
@@ -107,6 +107,19 @@ class Route:
         session.counted_host = host
         session.run()
 
+    def refused_host(self, host, now):
+        """What is decided by the client host alone, before a place is looked for: (reason,
+        why) when allow-from / deny-from refuse it (``denied``) or it is blocked
+        (``blocked_host``), counted; (None, None) when it may go on.  The acceptor asks when
+        it knows the client and route, the connection's greenlet otherwise."""
+        if self.filters_hosts and self.denies(host):
+            self.admission.count_shed(DENIED)
+            return DENIED, f"client host {host} denied by allow-from / deny-from"
+        if self.blocker.blocked(host, now):
+            self.admission.count_shed(BLOCKED_HOST)
+            return BLOCKED_HOST, "client host blocked after max-connect-errors failures"
+        return None, None
+
     def denies(self, host):
         """Whether allow-from / deny-from refuse client ``host`` (a unix-socket peer, which
         the socket file's permissions let in, never)."""
@@ -130,14 +143,6 @@ class Route:
                             f"connections already (max-connections-per-host)")
         return reason, (f"client host {host} opens connections faster than "
                         f"{config.max_connect_rate_per_host}/s (max-connect-rate-per-host)")
-
-    def deny(self, client, address):
-        """Close a client allow-from / deny-from refuse, at once and without a word (counted
-        already), with its access line."""
-        client.close()
-        context = ConnectionContext(self.registry.next_id(), self.name, peer_name(address))
-        log_access(context, DENIED, 0.0, f"client host {client_host(address)} denied by "
-                                         f"allow-from / deny-from")
 
     def connect_tls(self, connection, destination):
         """The TLS handshake with ``destination`` on the freshly connected ``connection``,
@@ -163,8 +168,11 @@ class Route:
         """Refuse one client at once in the accept path (already counted): the refusal, the
         close, the access line with ``why`` as its error.  A protocol whose client speaks
         first (PostgreSQL) is refused in a greenlet of its own, from a small bounded pool;
-        when that is full the client is closed without a word."""
-        if self.refusals is not None:
+        when that is full the client is closed without a word, as a denied one always is
+        (costing no greenlet)."""
+        if reason == DENIED:
+            pass
+        elif self.refusals is not None:
             if not self.refusals.full():
                 self.refusals.spawn(self.refuse, client, address, reason, why)
                 return

@@ -22,6 +22,8 @@ LOGGER = logging.getLogger("gconn.runtime")
 class Maintenance(GreenletExit):
     """Kills a session whose destination was put in maintenance (end reason ``maint``)."""
 
+    END = "maint"  # the session's end reason
+
 
 class UnknownTarget(ValueError):
     """A change that names no route or destination of this worker, or a bad value."""

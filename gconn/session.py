@@ -27,7 +27,7 @@ from gevent.event import Event
 from greenlet import getcurrent
 
 from . import local, metrics
-from .admission import ADMIT, BLOCKED_HOST, DENIED, NO_DESTINATION, QUEUE, QUEUE_TIMEOUT
+from .admission import ADMIT, DENIED, NO_DESTINATION, QUEUE, QUEUE_TIMEOUT
 from .errors import DestinationUnavailable, ResourceExhausted, Shed
 from .forward import Pump
 from .log import log_access
@@ -149,7 +149,7 @@ class Session:
             LOGGER.warning("%s", error)
             end = "fd_exhausted"
         except Maintenance as ending:  # maint, or checks took the destination down
-            end = getattr(ending, "END", "maint")
+            end = ending.END
             local.set_error(end, f"destination {self.context.destination} "
                                  + ("put in maintenance" if end == "maint" else
                                     "taken down by health checks"))
@@ -212,13 +212,10 @@ class Session:
         """What the acceptor checks when it knows the client host and route: allow-from /
         deny-from, a blocked host, the per-host limits (the host is then counted live)."""
         host = client_host(self.address)
-        if route.filters_hosts and route.denies(host):
-            route.admission.count_shed(DENIED)
-            raise Shed(DENIED, f"client host {host} denied by allow-from / deny-from")
         now = time.monotonic()
-        if route.blocker.blocked(host, now):
-            route.admission.count_shed(BLOCKED_HOST)
-            raise Shed(BLOCKED_HOST, "client host blocked after max-connect-errors failures")
+        reason, why = route.refused_host(host, now)
+        if reason is not None:
+            raise Shed(reason, why)
         if host != "unix":
             reason, why = route.host_limited(host, now)
             if reason is not None:

@@ -214,11 +214,13 @@ def echo_roundtrip(port, data, timeout=60.0):
 
 
 class TagServer:
-    """A thread-based backend that sends its name on connect, then echoes; can be restarted."""
+    """A thread-based backend on ``host`` that sends its name on connect, then echoes; can be
+    restarted."""
 
-    def __init__(self, name, port=0):
+    def __init__(self, name, port=0, host="127.0.0.1"):
         self.name = name
         self.port = port
+        self.host = host
         self.server = None
         self.start()
 
@@ -238,7 +240,7 @@ class TagServer:
             allow_reuse_address = True
             daemon_threads = True
 
-        self.server = Server(("127.0.0.1", self.port), Handler)
+        self.server = Server((self.host, self.port), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

@@ -5,7 +5,6 @@ live stream verified to its end, DNS down keeping the last set, SRV priorities a
 import hashlib
 import os
 import socket
-import socketserver
 import threading
 import urllib.request
 
@@ -15,7 +14,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
-from conftest import connect
+from conftest import TagServer, connect, which_tag
 
 PORT_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 
@@ -57,31 +56,6 @@ class Zone:
         self.socket.close()
 
 
-class Tagged:
-    """A backend on ``host``:``port`` that sends its host on connect, then echoes."""
-
-    def __init__(self, host, port=0):
-        tag = host.encode() + b"\n"
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self):
-                self.request.sendall(tag)
-                while data := self.request.recv(65536):
-                    self.request.sendall(data)
-
-        class Server(socketserver.ThreadingTCPServer):
-            allow_reuse_address = True
-            daemon_threads = True
-
-        self.server = Server((host, port), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def zone():
     made = Zone()
@@ -91,22 +65,16 @@ def zone():
 
 @pytest.fixture
 def backends():
-    """One tagged backend per PORT_HOSTS address, all on one port."""
-    first = Tagged(PORT_HOSTS[0])
-    made = [first] + [Tagged(host, first.port) for host in PORT_HOSTS[1:]]
+    """One backend per PORT_HOSTS address, all on one port, each tagged with its address."""
+    first = TagServer(PORT_HOSTS[0], host=PORT_HOSTS[0])
+    made = [first] + [TagServer(host, first.port, host) for host in PORT_HOSTS[1:]]
     yield made
     for backend in made:
-        backend.close()
-
-
-def tag_of(port):
-    with connect(port) as client:
-        with client.makefile("rb") as reader:
-            return reader.readline().decode().strip()
+        backend.stop()
 
 
 def tags(port, count=12):
-    return {tag_of(port) for _ in range(count)}
+    return {which_tag(port) for _ in range(count)}
 
 
 def test_scale_out_scale_in_and_dns_down(zone, backends, start_daemon):
@@ -167,8 +135,8 @@ def test_srv_priorities_are_backups_and_weights_share(zone, backends, start_daem
                           "--retry-interval", "1h", "--max-connect-errors", "0",
                           "--bind", "127.0.0.1:0", "--destination", "srv:_db._tcp.svc.test")
     daemon.wait_contains(f"127.0.0.4:{port}")
-    seen = [tag_of(daemon.port()) for _ in range(16)]
+    seen = [which_tag(daemon.port()) for _ in range(16)]
     assert seen.count("127.0.0.2") == 12 and seen.count("127.0.0.3") == 4
-    backends[0].close()
-    backends[1].close()
-    assert tag_of(daemon.port()) == "127.0.0.4"  # the primaries refuse: the backup serves
+    backends[0].stop()
+    backends[1].stop()
+    assert which_tag(daemon.port()) == "127.0.0.4"  # the primaries refuse: the backup serves

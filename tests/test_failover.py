@@ -8,8 +8,7 @@ import sys
 import threading
 
 import pytest
-from conftest import connect, free_port
-from test_discovery import Tagged, tag_of
+from conftest import TagServer, connect, free_port, which_tag
 from test_shedding import read_to_end
 
 
@@ -118,8 +117,8 @@ class Patroni:
 def test_http_check_on_a_check_port_follows_the_primary(start_daemon):
     """check = http on check-port, each destination's own API: the one answering 200 on
     /primary takes the clients; when the APIs swap, the clients follow."""
-    first = Tagged("127.0.0.2")
-    second = Tagged("127.0.0.3", first.port)
+    first = TagServer("127.0.0.2", host="127.0.0.2")
+    second = TagServer("127.0.0.3", first.port, "127.0.0.3")
     api_first = Patroni("127.0.0.2")
     api_second = Patroni("127.0.0.3", api_first.port)
     api_second.status = 503
@@ -132,15 +131,17 @@ def test_http_check_on_a_check_port_follows_the_primary(start_daemon):
             "--destination", f"127.0.0.3:{first.port}")
         port = daemon.port()
         daemon.wait_contains(f"destination 127.0.0.3:{first.port} is down")
-        assert {tag_of(port) for _ in range(4)} == {"127.0.0.2"}
+        assert {which_tag(port) for _ in range(4)} == {"127.0.0.2"}
         mark = daemon.mark()
         api_first.status, api_second.status = 503, 200
         daemon.wait_contains(f"destination 127.0.0.2:{first.port} is down", since=mark)
         daemon.wait_contains(f"destination 127.0.0.3:{first.port} is up", since=mark)
-        assert {tag_of(port) for _ in range(4)} == {"127.0.0.3"}
+        assert {which_tag(port) for _ in range(4)} == {"127.0.0.3"}
     finally:
-        for server in (api_first, api_second, first, second):
+        for server in (api_first, api_second):
             server.close()
+        for server in (first, second):
+            server.stop()
 
 
 def test_send_expect_needs_a_pattern():

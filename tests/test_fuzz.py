@@ -291,19 +291,24 @@ def worker_pids(daemon):
             if " started pid=" in line]
 
 
+def read_until_closed(connection):
+    """Everything the peer sends until it closes (a reset ends it too)."""
+    chunks = []
+    try:
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
 def http(address, request):
     """Send raw ``request`` bytes to host:port and read until the server closes: (status,
     headers dict, body bytes); status None if the server closed without an answer."""
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=ANSWER_TIMEOUT) as connection:
         connection.sendall(request)
-        chunks = []
-        try:
-            while chunk := connection.recv(65536):
-                chunks.append(chunk)
-        except ConnectionResetError:
-            pass
-    answer = b"".join(chunks)
+        answer = read_until_closed(connection)
     if not answer:
         return None, {}, b""
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -496,13 +501,7 @@ def ask(path, message, half_close):
                 connection.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
             pass  # it answered and closed before the rest of a long message was sent
-        chunks = []
-        try:
-            while chunk := connection.recv(65536):
-                chunks.append(chunk)
-        except ConnectionResetError:
-            pass
-        return b"".join(chunks)
+        return read_until_closed(connection)
 
 
 @pytest.mark.timeout(120)

@@ -52,6 +52,15 @@ def shared_port_config(port, routes, timeout="0.5s"):
     return text
 
 
+def two_named_routes(tls_echo):
+    """(port, config) of routes a and b sharing a free port, serving a.example and b.example
+    from TLS echoes tagged a and b."""
+    port = free_port()
+    return port, shared_port_config(port, {
+        "a": ("a.example", tls_echo("a", "a.example").address),
+        "b": ("b.example", tls_echo("b", "b.example").address)})
+
+
 def test_three_names_and_a_default_across_routes_sharing_a_port(start_daemon, tls_echo, ca,
                                                                  tmp_path):
     """a.example and *.b.example reach route a, c.example route c (openssl s_server), an
@@ -188,11 +197,7 @@ def test_a_full_route_on_a_shared_bind_sheds_only_its_own_clients(start_daemon, 
                                                                     tmp_path):
     """Route a (one place, no queue) is full: its next client is shed as queue_full after its
     ClientHello, while route b on the same port goes on serving."""
-    a = tls_echo("a", "a.example")
-    b = tls_echo("b", "b.example")
-    port = free_port()
-    config = shared_port_config(port, {"a": ("a.example", a.address),
-                                       "b": ("b.example", b.address)})
+    port, config = two_named_routes(tls_echo)
     config = config.replace("[route:a]\n", "[route:a]\nmax-connections = 1\nmax-queued = 0\n")
     daemon = start_daemon(config=config, tmp=str(tmp_path))
     held, tag = tls_client(ca, port, "a.example")
@@ -212,11 +217,7 @@ def test_host_checks_apply_on_the_route_a_server_name_picks(start_daemon, tls_ec
                                                           tmp_path):
     """Route b shares route a's listener: b's deny-from and per-host limit are checked in the
     connection's greenlet once the name picked b (the acceptor cannot know the route)."""
-    a = tls_echo("a", "a.example")
-    b = tls_echo("b", "b.example")
-    port = free_port()
-    config = shared_port_config(port, {"a": ("a.example", a.address),
-                                       "b": ("b.example", b.address)})
+    port, config = two_named_routes(tls_echo)
     config = config.replace("[route:b]\n", "[route:b]\ndeny-from = 127.0.0.0/8\n")
     daemon = start_daemon(config=config, tmp=str(tmp_path))
     since = daemon.mark()
