@@ -354,7 +354,8 @@ def _route_config(section_name, route_values):
     parsed = {BY_NAME[key].attribute: _check(BY_NAME[key], value.text, value.source,
                                                section_name)
               for key, value in route_values.items()}
-    if parsed["check"] == "send-expect":
+    if parsed["check"] == "send-expect" or any(
+            spec.check == "send-expect" for spec in parsed["destinations"]):
         expect = route_values.get("check-expect")
         try:
             re.compile(parsed["check_expect"].encode("latin-1"))

@@ -4,7 +4,9 @@ Each worker listens on ``<control dir>/<pid>.sock`` (a unix socket in a director
 supervisor's user can open) and answers one request per connection: a command line in, one
 JSON document out.  ``report`` answers with the worker's report (pid, descriptors, memory, and
 per route its counts and destinations), ``connections`` with its live connections
-(``connections stack`` adds each one's greenlet stack), ``flush`` has it publish its metrics.
+(``connections stack`` adds each one's greenlet stack), ``flush`` has it publish its metrics,
+``set`` and ``unblock`` apply a runtime change (runtime.py), ``health {...}`` the checker's
+published state (monitor.py).
 Answers are built by walking the worker's registry and routes on request only, never on the
 data path.  ``ask_one`` and ``ask_all`` are the supervisor's side (used by fleet.py): all
 workers are asked at once, each within a timeout.
@@ -23,7 +25,7 @@ from . import metrics, runtime
 from .sockets import process_usage
 
 LOGGER = logging.getLogger("gconn.control")
-REQUEST_LIMIT = 256  # bytes: a command line is short
+REQUEST_LIMIT = 4 << 20  # bytes: a command line (the checker's state is the longest)
 ANSWER_TIMEOUT = 2.0  # seconds the supervisor waits for one worker's answer
 TOP_HOSTS = 10  # client hosts with the most live connections, per route, in a report
 
@@ -81,7 +83,7 @@ class ControlServer:
         """One request: read the command line, write the JSON answer, close."""
         try:
             connection.settimeout(ANSWER_TIMEOUT)
-            command = connection.recv(REQUEST_LIMIT).decode("ascii", "replace").strip()
+            command = read_line(connection).decode("utf-8", "replace").strip()
             answer = self.answer(command)
             connection.sendall(json.dumps(answer).encode())
         except OSError as error:
@@ -100,6 +102,12 @@ class ControlServer:
             return {"pid": os.getpid()}
         if command == "report":
             return self.report()
+        if command.startswith("health "):
+            try:
+                self.worker.published(json.loads(command[len("health "):]))
+            except (ValueError, KeyError, TypeError) as error:
+                return {"error": f"bad health state: {error}"}
+            return {"pid": os.getpid()}
         words = command.split()
         try:
             if words[:1] == ["set"] and len(words) == 6:  # set ROUTE DEST STATE WEIGHT GRACE
@@ -134,6 +142,19 @@ class ControlServer:
                 "fds": fds, "fd_limit": fd_limit, "rss_bytes": resident,
                 "routes": {route.name: route_report(route, now)
                            for route in self.worker.routes}}
+
+
+def read_line(connection):
+    """The request's first line (without its newline): what the first read brought, read on
+    to the newline (or the peer's end, or REQUEST_LIMIT bytes) only for the checker's long
+    ``health`` state, so that a command without a newline is answered at once."""
+    data = connection.recv(65536)
+    while data.startswith(b"health ") and b"\n" not in data and len(data) < REQUEST_LIMIT:
+        chunk = connection.recv(min(65536, REQUEST_LIMIT - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
 
 
 def ask_one(path, command):

@@ -1,8 +1,12 @@
 """A route's destinations and what is known of each: health, failures, active connections.
 
 This module holds state and its transitions only; it never opens a socket (session.py connects
-and reports back, health checks will write here too).  Times are monotonic seconds passed in
-by the caller so that every transition is testable without waiting.
+and reports back).  Health is decided once per gconn: the supervisor's checker (monitor.py)
+keeps its own RouteDestinations, applies each check (``check_result``: rise/fall, the good
+checks counted in ``passes``) and publishes health and passes; a worker applies them
+(``publish``).  A worker's failed connection quarantines the destination in that worker only,
+until the checker has had ``rise`` more good checks of it.  Times are monotonic seconds passed
+in by the caller so that every transition is testable without waiting.
 """
 
 from .local import RWLock
@@ -14,7 +18,8 @@ class Destination:
 
     __slots__ = ("address", "name", "backup", "send_proxy", "tls", "healthy", "failed_until",
                  "active", "last_error", "connected_total", "failed_total", "check_streak",
-                 "bytes_up", "bytes_down", "weight", "base_weight", "state", "generation")
+                 "bytes_up", "bytes_down", "weight", "base_weight", "state", "generation",
+                 "check", "check_port", "passes", "quarantined_until")
 
     def __init__(self, spec, send_proxy="no", tls=False):
         self.address = spec.address
@@ -26,7 +31,11 @@ class Destination:
         self.state = "ready"  # set at runtime (runtime.py): ready, drain or maint
         self.weight = self.base_weight  # what strategies see: 0 unless ready
         self.generation = 0  # runtime changes so far (a maint's grace checks it)
-        self.healthy = True  # written by health checks; True until one says otherwise
+        self.check = spec.check  # its own check kind ("no": none); None: the route's
+        self.check_port = spec.check_port  # its own check port; None: the route's
+        self.healthy = True  # what the checks decided; True until they say otherwise
+        self.passes = 0  # good checks so far (a worker's quarantine waits for more of them)
+        self.quarantined_until = 0  # passes this worker waits for after a failed connection
         self.failed_until = 0.0  # monotonic time before which a failed destination is skipped
         self.active = 0  # forwarded connections to it right now
         self.last_error = None
@@ -51,7 +60,8 @@ class Destination:
 
     def available(self, now):
         """Whether a new connection may be sent here at monotonic time ``now``."""
-        return self.healthy and now >= self.failed_until
+        return (self.healthy and self.passes >= self.quarantined_until
+                and now >= self.failed_until)
 
     def connect_failed(self, now, retry_interval, error):
         """Record a failed connection attempt: skip it for ``retry_interval`` seconds."""
@@ -75,6 +85,7 @@ class Destination:
         """Apply one active health check (HAProxy's rise/fall): a healthy destination goes
         down after ``fall`` failed checks in a row, a down one comes back after ``rise``
         good ones.  Returns True when this check changed ``healthy``."""
+        self.passes += ok
         if ok == self.healthy:
             self.check_streak = 0
             return False
@@ -87,11 +98,11 @@ class Destination:
             self.failed_until = 0.0
         return True
 
-    def quarantine(self, error):
-        """A connection attempt failed while health checks run: out of rotation until the
-        checks see it healthy ``rise`` times (MySQL Router's quarantine)."""
-        self.healthy = False
-        self.check_streak = 0
+    def quarantine(self, error, rise):
+        """A connection attempt failed while health checks run: out of this worker's rotation
+        until the checks have seen it healthy ``rise`` more times (MySQL Router's
+        quarantine)."""
+        self.quarantined_until = self.passes + rise
         self.last_error = error
 
 
@@ -154,10 +165,48 @@ class RouteDestinations:
         with self.lock.writing():
             return destination.check_result(ok, rise, fall)
 
-    def quarantine(self, destination, error):
+    def health(self):
+        """What the checker publishes: {name: [healthy, passes]} of every destination."""
+        with self.lock.reading():
+            return {d.name: [d.healthy, d.passes] for d in self.destinations}
+
+    def carry(self, previous):
+        """Take over the health found so far from ``previous`` (the same route before a
+        reload) for every destination both have."""
+        known = {d.name: d for d in previous.destinations}
+        with self.lock.writing():
+            for destination in self.destinations:
+                before = known.get(destination.name)
+                if before is not None:
+                    destination.healthy, destination.passes = before.healthy, before.passes
+                    destination.check_streak = before.check_streak
+
+    def publish(self, health):
+        """Apply the checker's ``health`` ({name: [healthy, passes]}); returns the
+        destinations that went (down, up) and those whose quarantine in this worker is over."""
+        downs, ups, lifted = [], [], []
+        with self.lock.writing():
+            for destination in self.destinations:
+                found = health.get(destination.name)
+                if found is None:
+                    continue
+                healthy, destination.passes = found
+                if destination.quarantined_until and \
+                        destination.passes >= destination.quarantined_until:
+                    destination.quarantined_until = 0
+                    destination.failed_until = 0.0
+                    lifted.append(destination)
+                if healthy != destination.healthy:
+                    destination.healthy = healthy
+                    (ups if healthy else downs).append(destination)
+                    if healthy:
+                        destination.failed_until = 0.0
+        return downs, ups, lifted
+
+    def quarantine(self, destination, error, rise):
         """Take ``destination`` out of rotation after a failed connection attempt."""
         with self.lock.writing():
-            destination.quarantine(error)
+            destination.quarantine(error, rise)
 
     def has_candidates(self, now):
         """Whether the strategy would offer any destination now (the turn does not move)."""

@@ -2,14 +2,17 @@
 Kubernetes headless service) and ``srv:_service._proto.NAME`` (SRV records: target, port,
 weight; the lowest priority's records are the primaries, the others ``backup``).
 
-One re-arming job per route and worker resolves them with dnspython (through gevent's patched
-sockets: cooperative) right away and then every ``resolve-interval``, never on the data path,
-and hands the set it found to the route's destinations (destinations.py): an address that
-appears is added, one that disappears takes no new connection while its live ones finish.  A
-failed or empty lookup keeps the last good set: logged once per episode, counted
-(``failures``).  ``resolve`` is the pure-ish part (one lookup -> destination specs).
+One re-arming job per route, once per gconn (in the supervisor's checker, monitor.py, which
+publishes what it found to every worker), resolves them with dnspython (through gevent's
+patched sockets: cooperative) right away and then every ``resolve-interval``, never on the
+data path; each worker hands the set to its route's destinations (destinations.py): an
+address that appears is added, one that disappears takes no new connection while its live ones
+finish.  A failed or empty lookup keeps the last good set: logged once per episode, counted
+(gconn_discovery_failures_total).  ``resolve`` is the pure-ish part (one lookup ->
+destination specs).
 """
 
+import dataclasses
 import logging
 
 import dns.exception
@@ -19,7 +22,8 @@ import dns.rdatatype
 import dns.resolver
 import gevent
 
-from .settings import MAX_WEIGHT, Address, DestinationSpec
+from . import metrics
+from .settings import MAX_WEIGHT, Address
 
 LOGGER = logging.getLogger("gconn.discovery")
 LOOKUP_TIMEOUT = 2.0  # seconds one lookup (all its tries) may take
@@ -89,22 +93,23 @@ def _order(host):
 
 
 def _concrete(spec, host, port, backup=None, weight=None):
-    return DestinationSpec(Address("tcp", host=host, port=port),
-                           spec.backup if backup is None else backup, spec.send_proxy,
-                           spec.tls, spec.weight if weight is None else weight)
+    return dataclasses.replace(spec, address=Address("tcp", host=host, port=port),
+                               backup=spec.backup if backup is None else backup,
+                               weight=spec.weight if weight is None else weight, discover=None)
 
 
 class Discovery:
-    """The resolving job of one route in one worker."""
+    """The resolving job of one route (monitor.Watched: its config, name, destinations, health
+    checks and ``changed``)."""
 
     def __init__(self, route, servers):
         self.route = route
         self.specs = [spec for spec in route.config.destinations if spec.discover]
         self.resolver = make_resolver(servers)
         self.job = None
-        self.failures = 0  # lookups that failed or found nothing (metrics, /status)
         self.failing = set()  # specs whose last lookup failed: an episode, logged once
         self.last = {}  # spec -> the destinations it last resolved to
+        self.found = None  # what every spec last resolved to together; None: not yet
 
     def start(self):
         if self.specs:
@@ -131,7 +136,7 @@ class Discovery:
                     found = [d for d in found if not d.backup] or found
                 self.last[spec] = found
             except DiscoveryError as error:
-                self.failures += 1
+                metrics.discovery_failed(self.route.name)
                 if spec not in self.failing:
                     self.failing.add(spec)
                     LOGGER.warning("route=%s %s: lookup failed, keeping the last %d "
@@ -143,8 +148,10 @@ class Discovery:
                 LOGGER.warning("route=%s %s: lookups answer again", self.route.name, spec)
         found = [found for spec in self.specs for found in self.last.get(spec, ())]
         before = self.serving()
+        first, self.found = self.found is None, found
         added = self.route.destinations.update(found)
         self.route.health.watch_new(added)
+        self.route.changed(first or self.serving() != before)  # published before it is logged
         if self.serving() != before:
             LOGGER.info("route=%s destinations now %s", self.route.name,
                         ", ".join(self.serving()))

@@ -169,8 +169,6 @@ def flush(routes):
             total("shed", (name, reason), count)
         for end, count in route.ended.items():
             total("ended", (name, end), count)
-        if route.discovery is not None:
-            total("discovery_failures", (name,), route.discovery.failures)
         for destination in route.destinations.destinations:
             address = destination.name
             total("destination_connections", (name, address), destination.connected_total)
@@ -188,6 +186,12 @@ def flush(routes):
             if count:
                 bucket.inc(count)
     _observed.clear()
+
+
+def discovery_failed(route):
+    """Count one failed lookup of ``route``'s discovery (in the supervisor; rare)."""
+    if _metrics is not None:
+        _metrics.discovery_failures.labels(route).inc()
 
 
 def prime(routes):

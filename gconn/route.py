@@ -3,8 +3,9 @@ accounting.
 
 A route has a listening socket and its acceptor (listener.py), a forwarding pool of connection
 greenlets (gevent.pool.Pool, sized this worker's share of max-connections + max-queued), its
-admission bookkeeping and blocked hosts (admission.py), its destinations with their health
-checks (destinations.py, health.py).  What happens to one connection is session.py's; this
+admission bookkeeping and blocked hosts (admission.py), its destinations (destinations.py:
+their health and the addresses discovery found come from the supervisor's checker,
+monitor.py).  What happens to one connection is session.py's; this
 module holds no per-connection logic beyond counting how sessions ended.
 """
 
@@ -17,8 +18,6 @@ from gevent.pool import Pool
 from . import local, metrics
 from .admission import BLOCKED_HOST, DENIED, HOST_LIMIT, Admission, HostBlocker, HostLimits
 from .destinations import RouteDestinations
-from .errors import DestinationUnavailable
-from .health import HealthChecks
 from .listener import Acceptor
 from .local import ConnectionContext
 from .log import log_access
@@ -42,8 +41,6 @@ class Route:
         self.registry = registry
         self.destinations = RouteDestinations(config.destinations, config.strategy,
                                               config.send_proxy, config.destination_tls)
-        self.health = HealthChecks(self)
-        self.discovery = None  # resolves dns: and srv: destinations (the worker sets it up)
         self.admission = Admission(config.max_connections, config.max_queued)
         self.blocker = HostBlocker(config.max_connect_errors, config.blocked_host_time)
         self.hosts = HostLimits(config.max_connections_per_host,
@@ -145,17 +142,9 @@ class Route:
                         f"{config.max_connect_rate_per_host}/s (max-connect-rate-per-host)")
 
     def connect_tls(self, connection, destination):
-        """The TLS handshake with ``destination`` on the freshly connected ``connection``,
-        verified as destination-tls-server-name or its host, within connect-timeout: the end
-        to forward to.  DestinationUnavailable when it fails (sessions fail over, checks
-        count it)."""
-        config = self.config
-        name = config.destination_tls_server_name or destination.address.host
-        try:
-            return tls.client_handshake(connection, self.destination_tls, name,
-                                        config.connect_timeout)
-        except tls.TlsError as error:
-            raise DestinationUnavailable(f"{destination.name}: TLS: {error}") from None
+        """The TLS handshake with ``destination`` on ``connection`` (tls.connect_destination)."""
+        return tls.connect_destination(connection, self.destination_tls, self.config,
+                                       destination)
 
     def refusal(self, reason, address):
         """What a client from ``address`` refused for ``reason`` is told, in the route's
@@ -216,12 +205,9 @@ class Route:
         metrics.observe("session_seconds", self.name, duration)
 
     def start(self):
-        """Start accepting and checking destinations."""
+        """Start accepting."""
         if self.server is not None:
             self.server.start()
-        self.health.start()
-        if self.discovery is not None:
-            self.discovery.start()
         shared = "" if self.owner is self else f" (by server name, on route {self.owner.name}'s" \
                                                 f" listener)"
         LOGGER.info("listening route=%s address=%s%s", self.name, self.address, shared)
@@ -231,9 +217,6 @@ class Route:
         are shed (they would wait for a slot that a draining worker will not give)."""
         if self.server is not None:
             self.server.close()
-        self.health.stop()
-        if self.discovery is not None:
-            self.discovery.stop()
         for waiter in self.admission.drop_waiting():  # counted there; each wakes and leaves
             waiter.woken.set()
         if self.config.bind.family == "unix" and self.owns_address:

@@ -76,7 +76,7 @@ def connect_destination(route, candidates, prepare):
 def destination_failed(route, destination, error, failures):
     """Record one destination's failure: quarantine, retry-interval, the error state."""
     if route.config.check_interval > 0:  # quarantined until the checks see it rise
-        route.destinations.quarantine(destination, str(error))
+        route.destinations.quarantine(destination, str(error), route.config.rise)
         LOGGER.warning("route=%s destination %s is down (quarantined)", route.name,
                        destination.address)
     destination.connect_failed(time.monotonic(), route.config.retry_interval, str(error))

@@ -93,6 +93,8 @@ class DestinationSpec:
     weight: int | None = None  # its share of new connections; None: 1 (0: no new ones)
     discover: str | None = None  # "dns" (every address of host, on port) or "srv" (host's
     # SRV records): discovery.py resolves it into destinations; None: this one address
+    check: str | None = None  # what its health checks ask (or "no": none); None: the route's
+    check_port: int | None = None  # the port its checks probe; None: the route's check-port
 
     def uses_tls(self, route_tls):
         """Whether connections to it use TLS: its own ``tls=``, else the route's
@@ -113,6 +115,10 @@ class DestinationSpec:
             words.append(f"tls={'yes' if self.tls else 'no'}")
         if self.weight is not None:
             words.append(f"weight={self.weight}")
+        if self.check is not None:
+            words.append(f"check={self.check}")
+        if self.check_port is not None:
+            words.append(f"check-port={self.check_port}")
         return " ".join(words)
 
 
@@ -328,7 +334,9 @@ def parse_destinations(text):
     """A comma-separated list of ``host:port`` / ``unix:/path``, each optionally followed by
     ``backup``, ``send-proxy=no|v1|v2`` and ``tls=yes|no`` (this destination's own PROXY
     header version and TLS, overriding the route's send-proxy and destination-tls) and
-    ``weight=N`` (0 to MAX_WEIGHT: its share of new connections; 0 takes none)."""
+    ``weight=N`` (0 to MAX_WEIGHT: its share of new connections; 0 takes none),
+    ``check=no|tcp|http|send-expect`` and ``check-port=N`` (its own health check, overriding
+    the route's check and check-port; ``no``: never checked, always up)."""
     entries = []
     for item in text.split(","):
         words = item.split()
@@ -338,7 +346,7 @@ def parse_destinations(text):
             address, discover = parse_discovered(words[0])
         except ValueError as error:
             raise ValueError(f"{words[0]!r}: {error}") from None
-        backup, send_proxy, tls, weight = False, None, None, None
+        backup, send_proxy, tls, weight, check, check_port = False, None, None, None, None, None
         for word in words[1:]:
             key, _, value = word.partition("=")
             if word.lower() == "backup":
@@ -350,11 +358,18 @@ def parse_destinations(text):
             elif key == "weight" and value.isascii() and value.isdigit() \
                     and int(value) <= MAX_WEIGHT:
                 weight = int(value)
+            elif key == "check" and value in ("no", *CHECKS):
+                check = value
+            elif key == "check-port" and value.isascii() and value.isdigit() \
+                    and 0 < int(value) <= 65535:
+                check_port = int(value)
             else:
                 raise ValueError(f"{item.strip()!r}: expected host:port, then optionally "
-                                 f"'backup', 'send-proxy=no|v1|v2', 'tls=yes|no' and "
-                                 f"'weight=0..{MAX_WEIGHT}'")
-        entries.append(DestinationSpec(address, backup, send_proxy, tls, weight, discover))
+                                 f"'backup', 'send-proxy=no|v1|v2', 'tls=yes|no', "
+                                 f"'weight=0..{MAX_WEIGHT}', 'check=no|{'|'.join(CHECKS)}' "
+                                 f"and 'check-port=1..65535'")
+        entries.append(DestinationSpec(address, backup, send_proxy, tls, weight, discover,
+                                       check, check_port))
     if not entries:
         raise ValueError("expected at least one destination host:port")
     return tuple(entries)
@@ -371,7 +386,8 @@ parse_server_names.allowed = "host names or *.suffix wildcards, comma-separated"
 parse_bind.allowed = "host:port | [ipv6]:port | unix:/path"
 parse_resolvers.allowed = "ip:port name servers, comma-separated, or empty"
 parse_destinations.allowed = ("host:port | dns:NAME:PORT | srv:_svc._proto.NAME [backup] "
-                              "[send-proxy=no|v1|v2] [tls=yes|no] [weight=N], ...")
+                              "[send-proxy=no|v1|v2] [tls=yes|no] [weight=N] "
+                              "[check=no|tcp|http|send-expect] [check-port=N], ...")
 parse_admin_address.allowed = "host:port | [ipv6]:port | unix:/path | empty"
 
 
@@ -445,9 +461,10 @@ SETTINGS = (
             "append 'backup' to a fallback destination, 'send-proxy=no|v1|v2' or "
             "'tls=yes|no' to override the route's send-proxy or destination-tls for one, "
             "'weight=N' (0-256, default 1) for its share of new connections under "
-            "round-robin and least-connections (0: none); dns:NAME:PORT makes every address "
-            "NAME resolves to a destination, srv:_service._proto.NAME its SRV records "
-            "(re-resolved every resolve-interval)",
+            "round-robin and least-connections (0: none), 'check=no|tcp|http|send-expect' and "
+            "'check-port=N' for a health check of its own (no: never checked); dns:NAME:PORT "
+            "makes every address NAME resolves to a destination, srv:_service._proto.NAME its "
+            "SRV records (re-resolved every resolve-interval)",
             flag="--destination", repeatable=True),
     Setting("resolve-interval", ROUTE, duration_at_least(0.1, "100ms"), "30s",
             "how often dns: and srv: destinations are resolved again (and at once on HUP); a "
@@ -557,6 +574,10 @@ SETTINGS = (
     Setting("on-marked-down", ROUTE, one_of(("keep", "shutdown-sessions")), "keep",
             "when checks take a destination down: keep its live connections, or close them "
             "(end=destination_down) so that clients reconnect to one that is up"),
+    Setting("on-marked-up", ROUTE, one_of(("keep", "shutdown-backup-sessions")), "keep",
+            "when checks bring a primary (not backup) destination back: keep the live "
+            "connections on backups, or close them (end=primary_up) so that clients move "
+            "back to the primaries (round-robin-with-fallback)"),
     Setting("check-user", ROUTE, parse_text, "gconn_check",
             "protocol mysql: the user a health check logs in as (empty password) before it "
             "quits, so the server does not count the check as a failed handshake; a missing "

@@ -7,7 +7,8 @@ re-initialises its hub, installs its own signals and leaves when the supervisor 
 Workers report liveness by writing a monotonic timestamp into a shared page; a worker silent
 for worker-timeout is killed and replaced, a worker that dies is restarted with backoff.
 Asking the workers what they hold is the admin's (fleet.py); the supervisor only hands it a
-roster of its current workers.
+roster of its current workers.  Destination health checks and DNS discovery run here, once
+for the whole gconn (monitor.py), and are published to every worker.
 """
 
 import dataclasses
@@ -30,6 +31,7 @@ from .config import load
 from .errors import ConfigError, StartupError
 from .fleet import Fleet, Roster
 from .heartbeat import Heartbeats
+from .monitor import Monitor
 from .protocols import tls
 from .sockets import connections_per_process, keepalive_options, listen, raise_open_files_limit
 from .worker import worker_process
@@ -196,6 +198,7 @@ class Supervisor:
         # "weight"}; they win over the config until set again, survive reloads, and are
         # handed to every worker started later (and kept in state-file, if set)
         self.changes = read_state_file(config.process.state_file)
+        self.monitor = Monitor(self.control_dir, lambda: list(self.workers))
 
     # --- start -----------------------------------------------------------------------------
 
@@ -242,6 +245,8 @@ class Supervisor:
         self.config = self.reserve_addresses(self.config)
         self.check_capacity(self.config)
         self.metrics_dir = metrics.setup()  # before any fork: workers inherit the metrics
+        self.monitor.configure(self.config)
+        self.monitor.start()
         process = self.config.process
         if process.admin is not None:
             fleet = Fleet(self.control_dir, self.roster, self.heartbeats)
@@ -309,6 +314,7 @@ class Supervisor:
             return
         LOGGER.info("reloading: generation %d", self.generation + 1)
         self.config = config
+        self.monitor.configure(config)
         known = {(route.name, str(spec.address)) for route in config.routes
                  for spec in route.destinations}
         discovering = {route.name for route in config.routes
@@ -379,6 +385,7 @@ class Supervisor:
         if self.stopping and signum == signal.SIGTERM:
             signum, grace = signal.SIGQUIT, KILL_GRACE
         self.stopping = True
+        self.monitor.stop()
         for key in list(self.reservations):
             self.release_reservation(key)
         for key in list(self.slot_listeners):
@@ -504,9 +511,11 @@ class Supervisor:
                     listener.close()
             if self.admin is not None:
                 self.admin.abandon()  # the admin endpoint is the supervisor's alone
+            checked = self.monitor.state()
+            self.monitor.abandon()  # so are the checks
             code = worker_process(self.config, index, worker_count(self.config),
                                   self.heartbeats, slot, self.generation, listeners,
-                                  supervisor_pid, self.control_dir, self.changes)
+                                  supervisor_pid, self.control_dir, self.changes, checked)
         except BaseException:
             LOGGER.exception("worker %d failed", index)
         finally:

@@ -18,9 +18,9 @@ import time
 import gevent
 from gevent.event import Event
 
-from . import log, metrics, runtime
+from . import control, health, log, metrics, runtime
 from .control import ControlServer
-from .discovery import Discovery
+from .monitor import state_path
 from .registry import Registry
 from .route import Route
 from .sockets import open_sockets, process_usage
@@ -40,9 +40,12 @@ def share(total, workers, index, minimum=1):
 class Worker:
     """Serves every route of ``config`` in this process until told to stop."""
 
-    def __init__(self, config, worker_id=0, reuse_port=False, listeners=None, changes=None):
+    def __init__(self, config, worker_id=0, reuse_port=False, listeners=None, changes=None,
+                 checked=None):
         self.config = config
         self.changes = changes or {}  # destination states and weights set at runtime
+        self.checked = checked  # the checker's last published state (monitor.py), if any
+        self.ask_checked = None  # () -> the checker's state now, or None (monitor.py)
         self.registry = Registry(worker_id)
         self.reuse_port = reuse_port
         self.listeners = listeners or {}  # str(address) -> an inherited listening socket
@@ -65,15 +68,21 @@ class Worker:
                 routes = [first] + [Route(config, self.registry, shares=first)
                                     for config in configs[1:]]
                 self.routes.extend(routes)
-                for route in routes:
-                    if any(spec.discover for spec in route.config.destinations):
-                        route.discovery = Discovery(route, self.config.process.resolvers)
                 if any(config.server_names for config in configs):
                     first.pick_by_server_name(routes)
         except BaseException:
             for server in self.routes:
                 server.stop_accepting()
             raise
+
+    def published(self, state):
+        """The checker published ``state``: apply it unless a newer one came first (kept
+        for ``run`` when the routes are not bound yet)."""
+        if self.checked is not None and state["seq"] <= self.checked["seq"]:
+            return
+        self.checked = state
+        if self.routes:
+            health.apply(self.routes, self.registry, state)
 
     def handle_term(self):
         """TERM/INT: the first drains, the next one stops at once."""
@@ -96,6 +105,13 @@ class Worker:
     def run(self):
         """Bind, serve until a signal, drain within shutdown-timeout; return the exit code."""
         self.bind()
+        if self.ask_checked is not None:  # before serving: the newest health, not the fork's
+            asked = self.ask_checked()
+            if asked is not None and (self.checked is None
+                                      or asked["seq"] >= self.checked["seq"]):
+                self.checked = asked
+        if self.checked is not None:
+            health.apply(self.routes, self.registry, self.checked)
         runtime.apply_all(self.routes, self.registry, self.changes)
         handlers = {signal.SIGTERM: self.handle_term, signal.SIGQUIT: self.handle_quit,
                     signal.SIGUSR1: self.handle_usr1}
@@ -182,7 +198,7 @@ def worker_config(config, index, count):
 
 
 def worker_process(config, index, count, heartbeats, slot, generation, listeners,
-                   supervisor_pid, control_dir=None, changes=None):
+                   supervisor_pid, control_dir=None, changes=None, checked=None):
     """The body of a forked worker: title, heartbeat, serve; returns the exit code."""
     try:
         import setproctitle
@@ -190,11 +206,12 @@ def worker_process(config, index, count, heartbeats, slot, generation, listeners
     except ImportError:
         pass
     worker = Worker(worker_config(config, index, count), worker_id=os.getpid(), reuse_port=True,
-                    listeners=listeners, changes=changes)
+                    listeners=listeners, changes=changes, checked=checked)
     control_server = None
     if control_dir is not None:
         control_server = ControlServer(worker, control_dir, index, generation)
         control_server.start()
+        worker.ask_checked = lambda: control.ask_one(state_path(control_dir), "health")
     def ready():
         metrics.prime(worker.routes)
         publish_metrics(worker, index)

@@ -1,11 +1,18 @@
 """Checks that find the primary (issue 19, parts 1 and 2): ``check = send-expect`` against a
 real Redis primary and replica swapped by REPLICAOF, with ``on-marked-down =
-shutdown-sessions``; ``check = http`` against a small HTTP server standing in for Patroni."""
+shutdown-sessions``; ``check = http`` against a small HTTP server standing in for Patroni;
+checks run once per gconn whatever the workers; a destination's own check options;
+``on-marked-up = shutdown-backup-sessions``."""
 
 import http.server
+import json
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 
 import pytest
 from conftest import TagServer, connect, free_port, which_tag
@@ -150,3 +157,149 @@ def test_send_expect_needs_a_pattern():
          "--destination", "127.0.0.1:1", "--check-config"], capture_output=True, text=True,
         timeout=30)
     assert result.returncode == 2 and "check-expect" in result.stderr
+
+
+class CountingServer:
+    """Accepts and closes at once, counting the connections (health checks) it saw."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.count = 0
+        self.changed = threading.Condition()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            connection.close()
+            with self.changed:
+                self.count += 1
+                self.changed.notify_all()
+
+    def wait_count(self, count, timeout=30):
+        with self.changed:
+            assert self.changed.wait_for(lambda: self.count >= count, timeout), self.count
+
+    def close(self):
+        self.listener.close()
+
+
+def status(daemon):
+    with urllib.request.urlopen(f"http://{daemon.admin}/status", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_checks_run_once_per_gconn_and_every_worker_sees_their_verdict(start_daemon):
+    """Three workers, one checker: a destination is checked every check-interval, not three
+    times as often; taken down, it is logged once and down in every worker at once."""
+    server = CountingServer()
+    daemon = start_daemon("--workers", "3", "--check-interval", "100ms", "--fall", "1",
+                          "--bind", "127.0.0.1:0", "--destination", f"127.0.0.1:{server.port}")
+    server.wait_count(1)
+    began, first = time.monotonic(), server.count
+    server.wait_count(first + 15)
+    elapsed = time.monotonic() - began
+    # 15 checks take about 1.5 s from one checker; three per-worker checkers take 0.5 s
+    assert elapsed > 1.2, f"15 checks in {elapsed:.2f}s: more than one checker"
+    routes = status(daemon)["routes"]["default"]
+    assert routes["workers"] == 3
+    assert routes["destinations"][f"127.0.0.1:{server.port}"]["up"] == 3
+    mark = daemon.mark()
+    server.close()
+    daemon.wait_contains(f"destination 127.0.0.1:{server.port} is down", since=mark)
+    entry = status(daemon)["routes"]["default"]["destinations"][f"127.0.0.1:{server.port}"]
+    assert (entry["up"], entry["down"]) == (0, 3)  # published before the line was logged
+    down_lines = [line for line in daemon.lines[mark:] if "is down" in line]
+    assert len(down_lines) == 1, down_lines
+
+
+def test_a_destination_overrides_the_route_check_or_opts_out(tag_servers, start_daemon):
+    """check-port= on one destination probes that port (dead: the destination is down
+    though its traffic port serves); check=no is never checked (always up)."""
+    d0, d1 = tag_servers(2)
+    dead, unchecked = free_port(), free_port()
+    daemon = start_daemon(
+        "--workers", "2", "--strategy", "round-robin", "--check-interval", "100ms",
+        "--fall", "1", "--bind", "127.0.0.1:0",
+        "--destination", f"127.0.0.1:{d0.port} check-port={dead}",
+        "--destination", f"127.0.0.1:{d1.port}",
+        "--destination", f"127.0.0.1:{unchecked} check=no")
+    daemon.wait_contains(f"destination 127.0.0.1:{d0.port} is down")
+    destinations = status(daemon)["routes"]["default"]["destinations"]
+    assert destinations[f"127.0.0.1:{d0.port}"]["down"] == 2
+    assert destinations[f"127.0.0.1:{d1.port}"]["up"] == 2
+    assert destinations[f"127.0.0.1:{unchecked}"]["up"] == 2  # never checked
+    assert {which_tag(daemon.port()) for _ in range(6)} == {"d1"}  # the unchecked one fails
+    # a failed connection quarantines it in one worker, but the checks never take it down
+    assert not any(line.endswith(f"127.0.0.1:{unchecked} is down") for line in daemon.lines)
+
+
+@pytest.mark.parametrize("value", ["check=maybe", "check-port=0", "check-port=70000"])
+def test_bad_destination_check_options_are_config_errors(value):
+    result = subprocess.run(
+        [sys.executable, "-m", "gconn", "--bind", "127.0.0.1:0",
+         "--destination", f"127.0.0.1:1 {value}", "--check-config"],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and value in result.stderr and "Traceback" not in \
+        result.stderr, result.stderr
+
+
+def test_on_marked_up_moves_clients_off_a_backup_when_the_primary_returns(start_daemon):
+    """round-robin-with-fallback, on-marked-up = shutdown-backup-sessions: with the primary
+    down a client lands on the backup; when the primary is up again that client is closed
+    (end=primary_up) and new clients reach the primary."""
+    primary, backup = TagServer("primary"), TagServer("backup")
+    try:
+        daemon = start_daemon(
+            "--workers", "2", "--strategy", "round-robin-with-fallback",
+            "--check-interval", "100ms", "--fall", "1", "--rise", "1",
+            "--on-marked-up", "shutdown-backup-sessions", "--bind", "127.0.0.1:0",
+            "--destination", f"127.0.0.1:{primary.port}",
+            "--destination", f"127.0.0.1:{backup.port} backup")
+        port = daemon.port()
+        assert which_tag(port) == "primary"
+        mark = daemon.mark()
+        primary.stop()
+        daemon.wait_contains(f"destination 127.0.0.1:{primary.port} is down", since=mark)
+        held = connect(port)
+        reader = held.makefile("rb")
+        assert reader.readline() == b"backup\n"
+        held.sendall(b"still here\n")
+        assert reader.readline() == b"still here\n"
+        mark = daemon.mark()
+        primary.start()
+        daemon.wait_contains(f"destination 127.0.0.1:{primary.port} is up", since=mark)
+        assert reader.read() == b""  # closed: it can reconnect to the primary
+        reader.close()
+        held.close()
+        line = daemon.wait_contains("end=primary_up", since=mark)
+        assert f"destination=127.0.0.1:{backup.port}" in line
+        assert {which_tag(port) for _ in range(4)} == {"primary"}
+    finally:
+        for server in (primary, backup):
+            server.stop()
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_a_reload_keeps_what_the_checks_found(tmp_path, tag_servers, start_daemon, changed):
+    """A destination the checks took down stays down in the new generation from its first
+    connection (its route's config unchanged or changed by the reload), no check needed."""
+    (alive,) = tag_servers(1)
+    dead = free_port()
+    config = ("[route:default]\nbind = 127.0.0.1:0\nstrategy = round-robin\n"
+              "check-interval = 300ms\nfall = 1\nrise = 3\n"
+              f"destinations = 127.0.0.1:{dead}, 127.0.0.1:{alive.port}\n")
+    daemon = start_daemon("--workers", "1", config=config, tmp=str(tmp_path))
+    daemon.wait_contains(f"destination 127.0.0.1:{dead} is down")
+    if changed:
+        (tmp_path / "gconn-test.conf").write_text(config + "max-connections = 999\n")
+    mark = daemon.mark()
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_contains("ready workers=1 generation=1", since=mark)
+    assert {which_tag(daemon.port()) for _ in range(6)} == {"d0"}
+    assert not any("quarantined" in line or "connect_failed" in line
+                   for line in daemon.lines[mark:])

@@ -519,7 +519,7 @@ def test_any_bytes_on_the_control_socket_get_an_answer_or_a_close(busy_daemon):
         if not answer:
             return
         decoded = json.loads(answer)
-        command = message[:256].decode("ascii", "replace").strip()
+        command = message.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
         if command in ("report", "flush"):
             assert decoded["pid"] == pid
         elif command in ("connections", "connections stack"):

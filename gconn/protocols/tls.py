@@ -18,7 +18,7 @@ import time
 
 from cryptography import x509
 
-from gconn.errors import GconnError
+from gconn.errors import DestinationUnavailable, GconnError
 from gconn.protocols.sni import ServerNames
 from gconn.sockets import receive_within, send_within
 
@@ -229,6 +229,18 @@ def client_handshake(sock, context, server_name, timeout):
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
     return _handshake(sock, tls, incoming, outgoing, timeout, "destination")
+
+
+def connect_destination(sock, context, config, destination):
+    """The TLS handshake of route ``config`` with ``destination`` on the freshly connected
+    ``sock``, verified as destination-tls-server-name or its host, within connect-timeout:
+    the end to forward to.  DestinationUnavailable when it fails (sessions fail over, checks
+    count it)."""
+    name = config.destination_tls_server_name or destination.address.host
+    try:
+        return client_handshake(sock, context, name, config.connect_timeout)
+    except TlsError as error:
+        raise DestinationUnavailable(f"{destination.name}: TLS: {error}") from None
 
 
 def _handshake(sock, tls, incoming, outgoing, timeout, peer):
