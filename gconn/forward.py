@@ -55,12 +55,12 @@ SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK"
 PIPE_SIZE = 256 * 1024
 PIPES_MAX = 16  # pipes lent at once per process (two descriptors each, from the reserve)
 # how long no byte may have moved either way before a connection past its lifetime counts as
-# idle (with nothing in flight).  At rest is not enough: between two chunks of a steady stream
-# gconn holds nothing and the next chunk may not have come yet; a stream waiting to resend a
-# lost segment pauses for a retransmission timeout, 1 s at least by RFC 6298 (200 ms on
-# Linux).  A second past those also lets most replies of request/response protocols come
-# back before the close; a reply slower than that to a request forwarded after the lifetime
-# passed is the cut this cannot see at layer 4.
+# idle (it must also have nothing in flight, which alone is true for an instant between two
+# chunks of a steady stream).  A peer resending a lost segment pauses too: Linux's
+# retransmission timeout starts at 200 ms and doubles, so a second outlasts two resends of one
+# segment; RFC 6298's floor is 1 s, so a peer following it pauses about this long once.  A
+# second also lets most replies to a request forwarded just before come back; a slower reply
+# is the cut that layer 4 cannot see.
 LIFETIME_QUIET = 1.0
 
 
