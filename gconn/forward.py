@@ -22,6 +22,13 @@ Bulk streams are spliced (HAProxy's splice-auto): once a read fills the whole bu
 direction moves its next chunks socket -> pipe -> socket with os.splice, never copying them
 into Python, borrowing one of a few per-process pipes only while those bytes are in flight; a
 read shorter than a pipe's capacity returns it to copying.
+
+A connection past its lifetime (max-connection-lifetime) is closed at its first idle moment,
+never mid-transfer: both directions at rest (each waiting to read its source, or ended and its
+end passed on; no chunk kept, no byte in a splice pipe or buffered by a TLS end; no byte
+unread in either socket's receive queue nor unacknowledged in its send queue) after no byte
+moved either way for LIFETIME_QUIET.  It is checked by the pump's one timer, the idle
+timer's, so it costs no per-read work, and nothing at all when the setting is off.
 """
 
 import errno
@@ -29,6 +36,8 @@ import fcntl
 import logging
 import os
 import socket
+import struct
+import termios
 
 from gevent.hub import get_hub
 from greenlet import getcurrent
@@ -45,6 +54,14 @@ SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK"
 # per chunk are the cost a larger chunk spreads).
 PIPE_SIZE = 256 * 1024
 PIPES_MAX = 16  # pipes lent at once per process (two descriptors each, from the reserve)
+# how long no byte may have moved either way before a connection past its lifetime counts as
+# idle (it must also have nothing in flight, which alone is true for an instant between two
+# chunks of a steady stream).  A peer resending a lost segment pauses too: Linux's
+# retransmission timeout starts at 200 ms and doubles, so a second outlasts two resends of one
+# segment; RFC 6298's floor is 1 s, so a peer following it pauses about this long once.  A
+# second also lets most replies to a request forwarded just before come back; a slower reply
+# is the cut that layer 4 cannot see.
+LIFETIME_QUIET = 1.0
 
 
 class _Pipes:
@@ -98,6 +115,12 @@ def _shared_buffer(size):
     if view is None:
         view = _buffers[size] = memoryview(bytearray(size))
     return view
+
+
+def _kernel_queued(fd, request):
+    """Bytes the kernel queues on socket ``fd``: unread (FIONREAD, Linux's SIOCINQ) or sent
+    but not yet acknowledged by the peer (TIOCOUTQ, Linux's SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
 
 
 class _Flow:
@@ -278,6 +301,24 @@ class _Flow:
                 return
         self.pump.flow_finished(self)
 
+    def at_rest(self):
+        """Whether this direction has no byte in flight: it waits to read its source (or has
+        ended and passed its end on), keeps no chunk, holds no byte in a pipe or a TLS end,
+        and the kernel has none unread from the source nor unacknowledged to the target (a
+        close with unread bytes would reset the connection)."""
+        if self.pending is not None or self.pipe is not None or self.later is not None:
+            return False
+        if self.tls_target and self.target.unsent:
+            return False
+        if not self.ended and (not self.reader.active
+                               or (self.tls_source and self.source.pending())):
+            return False
+        try:
+            return not (_kernel_queued(self.source.fileno(), termios.FIONREAD)
+                        or _kernel_queued(self.target.fileno(), termios.TIOCOUTQ))
+        except OSError:  # cannot tell: not idle (the socket's own error comes by its watcher)
+            return False
+
     def stop(self):
         """Stop this direction's watchers for good (before the sockets close); idempotent."""
         if self.later is not None:
@@ -294,14 +335,16 @@ class Pump:
 
     ``run`` does the forwarding in the calling greenlet and returns how it ended:
     ``client_closed`` or ``destination_closed`` (the side that ended first, cleanly or by
-    reset: a reset is recorded in the greenlet's error state), ``idle_timeout``, or
-    ``fin_timeout`` (one side ended and the other way stayed quiet past the fin timeout).  A kill
+    reset: a reset is recorded in the greenlet's error state), ``idle_timeout``,
+    ``fin_timeout`` (one side ended and the other way stayed quiet past the fin timeout), or
+    ``max_lifetime`` (past its lifetime, closed at its first idle moment).  A kill
     (GreenletExit) raised while it waits passes through, its watchers closed.  Sockets stay
     open for the session to close.
     """
 
     __slots__ = ("loop", "buffer", "to_destination", "to_client", "active_at", "outcome", "switch",
-                 "first_closer", "finished", "timer", "idle_timeout", "splice", "fin_timeouts")
+                 "first_closer", "finished", "timer", "idle_timeout", "splice", "fin_timeouts",
+                 "lifetime_at")
 
     def __init__(self, client, destination, buffer_size, splice=True):
         self.loop = get_hub().loop
@@ -317,6 +360,7 @@ class Pump:
         self.timer = None
         self.idle_timeout = 0
         self.fin_timeouts = (0, 0)  # once the client's / the destination's side has ended
+        self.lifetime_at = None  # loop time the connection's lifetime is up; None: no lifetime
 
     @property
     def bytes_up(self):
@@ -328,19 +372,21 @@ class Pump:
         """Bytes forwarded from the destination to the client so far."""
         return self.to_client.count
 
-    def run(self, idle_timeout=0, client_fin_timeout=0, server_fin_timeout=0):
+    def run(self, idle_timeout=0, client_fin_timeout=0, server_fin_timeout=0, lifetime=None):
         """Forward until both directions end, the peers fail or nothing moved for
         ``idle_timeout`` seconds (0: no limit), or for the fin timeout once the client's /
-        the destination's side ended (0: idle_timeout goes on); return the outcome.  Call it
-        from the connection's greenlet: it waits there, never in the hub."""
+        the destination's side ended (0: idle_timeout goes on), or, ``lifetime`` seconds from
+        now (None: never), at the first idle moment; return the outcome.  Call it from the
+        connection's greenlet: it waits there, never in the hub."""
         hub = get_hub()
         switch = self.switch = getcurrent().switch
         to_destination, to_client = self.to_destination, self.to_client
         try:
             self.idle_timeout = idle_timeout
             self.fin_timeouts = (client_fin_timeout, server_fin_timeout)
-            if idle_timeout > 0:
-                self.start_timer(idle_timeout)
+            if lifetime is not None:
+                self.lifetime_at = self.loop.now() + lifetime
+            self.arm_timer()
             to_destination.reader.start(switch, to_destination.on_readable)
             to_client.reader.start(switch, to_client.on_readable)
             # the client's first bytes are usually waiting already (it sent them while we
@@ -353,19 +399,43 @@ class Pump:
             self.stop()
         return self.outcome
 
-    def start_timer(self, seconds):
-        """(Re)start the one timer of this pump: ``on_timer`` in ``seconds``."""
+    def arm_timer(self):
+        """(Re)start the one timer of this pump for whichever comes first: the idle (or fin)
+        timeout if no byte moves meanwhile, or the next look at the lifetime; none when
+        neither is set."""
+        now = self.loop.now()
+        quiet = now - self.active_at
+        wait = self.idle_timeout - quiet if self.idle_timeout > 0 else None
+        if self.lifetime_at is not None:
+            # not before the lifetime is up nor before the quiet period could be; past both
+            # and yet not at rest (a slow reader holds bytes): look again a period later
+            look = max(self.lifetime_at - now, LIFETIME_QUIET - quiet)
+            if look <= 0:
+                look = LIFETIME_QUIET
+            wait = look if wait is None else min(wait, look)
         if self.timer is not None:
             self.timer.close()
-        self.timer = self.loop.timer(seconds)
-        self.timer.start(self.switch, self.on_timer)
+            self.timer = None
+        if wait is not None:
+            self.timer = self.loop.timer(max(wait, 0.0))
+            self.timer.start(self.switch, self.on_timer)
 
     def on_timer(self):
         """Close when no byte moved for idle-timeout (the fin timeout once one side has
-        ended); else wait out the rest of it."""
-        quiet = self.loop.now() - self.active_at
-        if quiet < self.idle_timeout:
-            self.start_timer(self.idle_timeout - quiet)
+        ended), or when past the lifetime no byte moved for LIFETIME_QUIET and both ways are
+        at rest; else wait for whichever may come next."""
+        now = self.loop.now()
+        quiet = now - self.active_at
+        if self.idle_timeout <= 0 or quiet < self.idle_timeout:
+            if self.lifetime_at is not None and now >= self.lifetime_at \
+                    and quiet >= LIFETIME_QUIET and self.to_destination.at_rest() \
+                    and self.to_client.at_rest():
+                late = now - self.lifetime_at
+                local.set_error("max_lifetime", f"closed at its first idle moment, {late:.3f}s "
+                                                f"past its lifetime")
+                self.outcome = "max_lifetime"
+            else:
+                self.arm_timer()
         elif self.finished:
             side = "client" if self.first_closer == "client_closed" else "destination"
             local.set_error("fin_timeout", f"half-closed: no byte for {self.idle_timeout:g}s "
@@ -385,7 +455,7 @@ class Pump:
             if fin_timeout > 0 and (self.idle_timeout <= 0 or fin_timeout < self.idle_timeout):
                 self.idle_timeout = fin_timeout
                 self.active_at = self.loop.now()
-                self.start_timer(fin_timeout)
+                self.arm_timer()
         if self.finished == 2:
             self.outcome = self.first_closer
 

@@ -7,11 +7,12 @@ blanks quoted), so that both people and ``grep``/log shippers read it:
     destination=10.0.0.5:3306 bytes_up=120 bytes_down=5321 duration=0.042 end=client_closed
 
 (one line in the log).  ``end`` is one of client_closed, destination_closed, idle_timeout,
-connect_failed, fd_exhausted, shutdown, error, bad_proxy_header, or a shed reason (queue_full,
-queue_timeout, no_destination, blocked_host).  When a PROXY header named the client, ``client``
-is the address it carried and ``via`` (after it) the balancer's.  A connection that ended
-abnormally (a reset, a failed connect, a timeout, a shed, a shutdown cut, a bug) has a last
-field ``error="<what happened>"``, read from its greenlet's error state.
+fin_timeout, max_lifetime, connect_failed, fd_exhausted, shutdown, error, bad_proxy_header,
+or a shed reason (queue_full, queue_timeout, no_destination, blocked_host).  When a PROXY
+header named the client, ``client`` is the address it carried and ``via`` (after it) the
+balancer's.  A connection that ended abnormally (a reset, a failed connect, a timeout, a
+shed, a shutdown cut, a bug) has a last field ``error="<what happened>"``, read from its
+greenlet's error state.
 """
 
 import logging

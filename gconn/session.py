@@ -19,6 +19,7 @@ killing its greenlet (GreenletExit, the pool's kill at shutdown) ends it cleanly
 """
 
 import logging
+import random
 import socket
 import time
 
@@ -83,6 +84,15 @@ def destination_failed(route, destination, error, failures):
     failures.append(str(error))
     local.set_error("connect_failed", "; ".join(failures))
     LOGGER.warning("destination %s failed: %s", destination.address, error)
+
+
+def connection_lifetime(lifetime, jitter, draw=random.uniform):
+    """This connection's lifetime in seconds: ``lifetime`` plus an extra drawn in [0,
+    ``jitter``] (max-connection-lifetime and its jitter), so that connections opened together
+    are not all closed together; None when ``lifetime`` is 0 (off)."""
+    if lifetime <= 0:
+        return None
+    return lifetime + (draw(0.0, jitter) if jitter > 0 else 0.0)
 
 
 def client_gone(client):
@@ -205,8 +215,12 @@ class Session:
         else:  # plaintext comes out of a TLS session, not the socket: nothing to splice
             self.pump = Pump(self.tls_end or self.client, upstream_end, config.buffer_size,
                              splice=False)
+        lifetime = connection_lifetime(config.max_connection_lifetime,
+                                       config.max_connection_lifetime_jitter)
+        if lifetime is not None:  # counted from the accept: left of it once forwarding starts
+            lifetime = max(0.0, self.started + lifetime - time.monotonic())
         return self.pump.run(config.idle_timeout, config.client_fin_timeout,
-                             config.server_fin_timeout)
+                             config.server_fin_timeout, lifetime)
 
     def check_host(self, route):
         """What the acceptor checks when it knows the client host and route: allow-from /

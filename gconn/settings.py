@@ -603,6 +603,14 @@ SETTINGS = (
             "once the destination has ended its side (FIN), the other way may be quiet this "
             "long before both are closed (HAProxy's timeout server-fin); 0: idle-timeout "
             "applies"),
+    Setting("max-connection-lifetime", ROUTE, parse_duration, "0",
+            "a connection older than this is closed at its first idle moment: nothing in "
+            "flight either way for a second (Envoy's max_connection_duration, but never "
+            "mid-transfer), so long-lived clients reconnect and spread over destinations "
+            "added since; end=max_lifetime; 0: off"),
+    Setting("max-connection-lifetime-jitter", ROUTE, parse_duration, "0",
+            "with max-connection-lifetime: a random extra in [0, this], drawn per connection, "
+            "so connections opened together do not all close together"),
     Setting("tcp-keepalive", ROUTE, parse_boolean, "yes",
             "TCP keepalive probes on both sides, so a peer that vanished without a FIN is "
             "found (HAProxy's clitcpka/srvtcpka)"),
