@@ -1,7 +1,8 @@
 """Logging: the daemon's log (every session line carries its connection id) and the access log.
 
 The access log is one line per finished connection, in logfmt (``key=value``, values with
-blanks quoted), so that both people and ``grep``/log shippers read it:
+blanks quoted, control characters escaped as ``\\n``, ``\\x07``: one line whatever a value
+holds), so that both people and ``grep``/log shippers read it:
 
     2026-11-23T13:40:01.123Z conn=7 route=mysql client=127.0.0.1:51234
     destination=10.0.0.5:3306 bytes_up=120 bytes_down=5321 duration=0.042 end=client_closed
@@ -61,22 +62,52 @@ def setup(process):
     ACCESS.disabled = access is None
 
 
+def escape_controls(text):
+    """``text`` with every non-printable character (newline, carriage return, tab, other
+    control characters, line separators, lone surrogates) written as a backslash escape, so
+    that it stays on one line; printable text, non-ASCII included, is left as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _ESCAPES.get(c) or _hex_escape(c) for c in text)
+
+
+def _hex_escape(character):
+    """``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN`` for one character, as Python writes it."""
+    code = ord(character)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNESCAPES = {"n": "\n", "r": "\r", "t": "\t"}
+
+
 def _quoted(value):
-    """A logfmt value: bare when it has no blanks or quotes, else double-quoted."""
+    """A logfmt value: bare when it is printable without blanks, quotes or ``=``, else
+    double-quoted with backslash, quote and non-printable characters escaped (one line, always)."""
     text = str(value)
-    if not text or any(c in text for c in ' "=\t'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return text
+    if text and text.isprintable() and not any(c in text for c in ' "='):
+        return text
+    return '"' + escape_controls(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 _FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
-_ESCAPED = re.compile(r"\\(.)")
+_ESCAPED = re.compile(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|.)", re.DOTALL)
+
+
+def _unescape(match):
+    """The character one backslash escape of ``_quoted`` stands for."""
+    code = match.group(1)
+    if len(code) > 1:
+        return chr(int(code[1:], 16))
+    return _UNESCAPES.get(code, code)
 
 
 def parse_fields(line):
     """The ``key=value`` fields of an access-log line, quoted values unquoted (the reverse of
     ``_quoted``): for tools that read the access log, such as gconn-soak."""
-    return {key: _ESCAPED.sub(r"\1", value[1:-1]) if value.startswith('"') else value
+    return {key: _ESCAPED.sub(_unescape, value[1:-1]) if value.startswith('"') else value
             for key, value in _FIELD.findall(line)}
 
 
