@@ -19,7 +19,8 @@ time as ``"time"``, numbers as numbers, no ``-`` placeholder: a connection witho
 destination has ``"destination": null``; via, tls_*, sni and error are left out when absent,
 as in logfmt), and ``log-format = json`` does the same for the daemon log (time, level,
 logger, pid, conn, message, and exception when there is one).  Either way, one record is one
-line: JSON escapes control characters, logfmt quotes and escapes them.
+line: JSON escapes control characters, logfmt quotes and escapes them, and the daemon's text
+line escapes them in its message (only a traceback, in text, takes lines of its own).
 """
 
 import json
@@ -40,6 +41,20 @@ def _handler(destination):
     if destination == "-":
         return logging.StreamHandler(sys.stderr)
     return logging.FileHandler(destination, encoding="utf-8")
+
+
+class TextFormatter(logging.Formatter):
+    """The daemon log's text line (DAEMON_FORMAT) with the message's control characters
+    escaped, so that a message, whatever text it quotes, is one line; a traceback still
+    follows on lines of its own, as Python prints it."""
+
+    def __init__(self):
+        super().__init__(DAEMON_FORMAT)
+
+    def formatMessage(self, record):
+        """The line before any traceback (``format`` has just set ``record.message``)."""
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -223,8 +238,5 @@ def log_access(context, end, duration, error=None):
         ACCESS.info(access_fields(context, end, duration, error))
 
 
-DAEMON_FORMATTERS = {  # log-format: a new formatter for the daemon log's handler
-    "text": lambda: logging.Formatter(DAEMON_FORMAT),
-    "json": JsonFormatter,
-}
+DAEMON_FORMATTERS = {"text": TextFormatter, "json": JsonFormatter}  # log-format
 ACCESS_RENDERERS = {"logfmt": logfmt_line, "json": json_line}  # access-log-format

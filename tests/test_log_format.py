@@ -1,7 +1,7 @@
 """Log formats: log-format = text | json for the daemon log, access-log-format = logfmt | json
-for the access log.  Every line of either log is one record in its format whatever the values
-hold, the JSON lines carry the same fields as the text ones, and a reopen (USR1) and a reload
-(HUP) keep the chosen format.
+for the access log.  A record is one line in its format whatever its values hold (a text
+traceback aside), the JSON lines carry the same fields as the text ones, and a reopen (USR1)
+and a reload (HUP) keep the chosen format.
 """
 
 import json
@@ -108,6 +108,20 @@ def test_daemon_json_line_escapes_a_newline_and_carries_the_exception():
     assert decoded["level"] == "ERROR" and decoded["logger"] == "gconn.session"
     assert decoded["pid"] == os.getpid() and decoded["conn"] == "2-9"
     assert TIME.match(decoded["time"])
+
+
+def test_daemon_text_line_escapes_a_newline_in_its_message():
+    """Today's text line, its message escaped onto one line; a traceback follows it."""
+    try:
+        raise ValueError("a bad value")
+    except ValueError:
+        record = logging.getLogger("gconn.session").makeRecord(
+            "gconn.session", logging.ERROR, __file__, 1, "forged\n%s", ("2026 INFO fake",),
+            sys.exc_info(), extra={"conn": "2-9"})
+    first, *traceback = DAEMON_FORMATTERS["text"]().format(record).split("\n")
+    assert TEXT_LINE.match(first) and first.endswith(" conn=2-9 forged\\n2026 INFO fake")
+    assert traceback[0] == "Traceback (most recent call last):"
+    assert traceback[-1] == "ValueError: a bad value"
 
 
 def test_daemon_json_line_outside_a_connection_has_conn_null_and_no_exception():
