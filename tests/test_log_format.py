@@ -157,7 +157,10 @@ def wait_record(daemon, paths, predicate, timeout=LINE_TIMEOUT):
     while True:
         for path in paths:
             for line in complete_lines(path):
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise AssertionError(f"not JSON in {path}: {line!r}") from None
                 if predicate(record):
                     return path, record
         if daemon.popen.poll() is not None or time.monotonic() > deadline:
@@ -166,10 +169,12 @@ def wait_record(daemon, paths, predicate, timeout=LINE_TIMEOUT):
 
 
 def message_starts(text):
+    """A predicate: the daemon record's message starts with ``text``."""
     return lambda record: record["message"].startswith(text)
 
 
 def from_client(client):
+    """A predicate: the access record is the connection from ``client`` (host:port)."""
     return lambda record: record["client"] == client
 
 
