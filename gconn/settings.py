@@ -45,6 +45,8 @@ STRATEGIES = (
     "source-hash",
 )
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")  # log-format: the daemon log's lines
+ACCESS_LOG_FORMATS = ("logfmt", "json")  # access-log-format: the access log's lines
 LOOPS = ("default", "epoll", "poll", "select", "libuv")
 PROXY_VERSIONS = ("no", "v1", "v2", "any")  # accept-proxy: which PROXY headers are read
 SEND_PROXY_VERSIONS = ("no", "v1", "v2")  # send-proxy: which PROXY header is written
@@ -445,6 +447,12 @@ SETTINGS = (
             "where the daemon's log goes: - for stderr, or a file path"),
     Setting("access-log", PROCESS, parse_text, "-",
             "one line per finished connection: - for stderr, a file path, or off"),
+    Setting("log-format", PROCESS, one_of(LOG_FORMATS), "text",
+            "the daemon log's lines: text (time level gconn[pid] conn=ID message) or json "
+            "(one object per line: time, level, logger, pid, conn, message, exception)"),
+    Setting("access-log-format", PROCESS, one_of(ACCESS_LOG_FORMATS), "logfmt",
+            "the access log's lines: logfmt (time key=value ...) or json (one object per "
+            "line with the same keys, numbers as numbers)"),
     Setting("resolvers", PROCESS, parse_resolvers, "",
             "name servers (ip:port, comma-separated) that resolve dns: and srv: destinations; "
             "empty: the system's, from /etc/resolv.conf"),
