@@ -436,8 +436,13 @@ SETTINGS = (
             "a file where destination states and weights set at runtime (POST "
             "/destinations, gconn ctl) are kept, so that a restart keeps them (HAProxy's "
             "server-state-file); empty: kept until gconn stops"),
+    Setting("shutdown-delay", PROCESS, parse_duration, "0",
+            "on SIGTERM/SIGINT, how long /readyz answers 503 while gconn still accepts and "
+            "serves new connections, before it stops accepting and drains: the time a load "
+            "balancer or Kubernetes takes to stop sending clients; a second signal skips it"),
     Setting("shutdown-timeout", PROCESS, parse_duration, "30s",
-            "on SIGTERM/SIGINT, how long live connections may run before they are closed"),
+            "on SIGTERM/SIGINT, how long live connections may run before they are closed "
+            "(counted from the end of shutdown-delay)"),
     Setting("bind", ROUTE_ONLY, parse_bind, None,
             "where the route listens: host:port, [ipv6]:port or unix:/path"),
     Setting("destinations", ROUTE_ONLY, parse_destinations, None,
