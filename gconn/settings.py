@@ -419,8 +419,9 @@ SETTINGS = (
     Setting("admin", PROCESS, parse_admin_address, "127.0.0.1:8421",
             "the admin HTTP endpoint (livez, readyz, status, connections, config); empty: off"),
     Setting("admin-token-file", PROCESS, parse_text, "",
-            "a file holding the bearer token the admin endpoint requires; needed (or "
-            "admin-insecure) when admin is not on loopback"),
+            "a file holding the bearer token the admin endpoint requires (but for /livez and "
+            "/readyz, which answer their status without it); needed (or admin-insecure) when "
+            "admin is not on loopback"),
     Setting("admin-insecure", PROCESS, parse_boolean, "no",
             "allow an admin endpoint beyond loopback without a token", bare="yes"),
     Setting("log-level", PROCESS, one_of(LOG_LEVELS), "info",
