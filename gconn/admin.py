@@ -8,9 +8,11 @@ shows the effective config with the origin of every value.  Two POSTs change sta
 GET): ``/destinations/ROUTE/DESTINATION`` with ``state=drain|maint|ready`` (``grace=`` for
 maint) and/or ``weight=N``, and ``/unblock/ROUTE/HOST``; the supervisor applies them in every
 worker (runtime.py).  Bound to loopback by default;
-elsewhere a bearer token (``admin-token-file``) or ``--admin-insecure`` is required.  Bad paths
-get 404, bad query values 400 with a one-line JSON error, a wrong or missing token 401 without
-detail.
+elsewhere a bearer token (``admin-token-file``) or ``--admin-insecure`` is required.  The probes
+(``/livez``, ``/readyz``) answer without the token, as Kubernetes' own API server does, because
+kubelets and balancers' health checks cannot carry a secret; a caller without the token gets
+their status and first line only, not the reasons.  Bad paths get 404, bad query values 400 with
+a one-line JSON error, a wrong or missing token elsewhere 401 without detail.
 """
 
 import hmac
@@ -31,6 +33,7 @@ READ_TIMEOUT = 2.0  # seconds an admin client may take to send its request
 PAGE_LIMIT = 1000  # /connections entries per page when no limit is given
 PAGE_LIMIT_MAX = 100_000  # the largest limit a request may ask for
 FORM_LIMIT = 4096  # bytes of a POST's form
+PROBES = ("/livez", "/readyz")  # answered without the token: status and first line only
 
 
 class TimedWSGIServer(WSGIServer):
@@ -99,9 +102,10 @@ class Admin:
 
     def dispatch(self, environ, start_response):
         """Dispatch one request to its endpoint; the answer's body."""
-        if self.token is not None and not self.authorised(environ):
-            return self.reply(start_response, 401, {"error": "unauthorized"})
         path = environ.get("PATH_INFO", "")
+        authorised = self.token is None or self.authorised(environ)
+        if not authorised and path not in PROBES:
+            return self.reply(start_response, 401, {"error": "unauthorized"})
         kind, _, rest = path.lstrip("/").partition("/")
         if kind in self.posts:
             if environ.get("REQUEST_METHOD") != "POST":
@@ -118,6 +122,8 @@ class Admin:
             code, body = handler({key: values[-1] for key, values in query.items()})
         except BadRequest as error:
             return self.reply(start_response, 400, {"error": str(error)})
+        if not authorised:  # a probe: what is wrong inside is for the token's holders
+            body = body.split("\n", 1)[0] + "\n"
         return self.reply(start_response, code, body)
 
     def authorised(self, environ):

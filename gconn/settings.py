@@ -437,8 +437,9 @@ SETTINGS = (
     Setting("admin", PROCESS, parse_admin_address, "127.0.0.1:8421",
             "the admin HTTP endpoint (livez, readyz, status, connections, config); empty: off"),
     Setting("admin-token-file", PROCESS, parse_text, "",
-            "a file holding the bearer token the admin endpoint requires; needed (or "
-            "admin-insecure) when admin is not on loopback"),
+            "a file holding the bearer token the admin endpoint requires (but for /livez and "
+            "/readyz, which answer their status without it); needed (or admin-insecure) when "
+            "admin is not on loopback"),
     Setting("admin-insecure", PROCESS, parse_boolean, "no",
             "allow an admin endpoint beyond loopback without a token", bare="yes"),
     Setting("log-level", PROCESS, one_of(LOG_LEVELS), "info",
@@ -460,8 +461,13 @@ SETTINGS = (
             "a file where destination states and weights set at runtime (POST "
             "/destinations, gconn ctl) are kept, so that a restart keeps them (HAProxy's "
             "server-state-file); empty: kept until gconn stops"),
+    Setting("shutdown-delay", PROCESS, parse_duration, "0",
+            "on SIGTERM/SIGINT, how long /readyz answers 503 while gconn still accepts and "
+            "serves new connections, before it stops accepting and drains: the time a load "
+            "balancer or Kubernetes takes to stop sending clients; a second signal skips it"),
     Setting("shutdown-timeout", PROCESS, parse_duration, "30s",
-            "on SIGTERM/SIGINT, how long live connections may run before they are closed"),
+            "on SIGTERM/SIGINT, how long live connections may run before they are closed "
+            "(counted from the end of shutdown-delay)"),
     Setting("bind", ROUTE_ONLY, parse_bind, None,
             "where the route listens: host:port, [ipv6]:port or unix:/path"),
     Setting("destinations", ROUTE_ONLY, parse_destinations, None,

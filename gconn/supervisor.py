@@ -190,6 +190,7 @@ class Supervisor:
         self.restart_after = {}  # worker index -> monotonic time its replacement may start
         self.deaths = {}  # worker index -> consecutive young deaths
         self.stopping = False
+        self.stop_at = None  # monotonic time the shutdown-delay after a TERM ends; None: none
         self.signal_handles = []
         self.outgoing = []  # the previous generation, retired once the new one is ready
         self.announced = frozenset()  # the worker pids whose readiness was last logged
@@ -263,12 +264,14 @@ class Supervisor:
                 starting = any(not self.heartbeats.ready(w.slot) for w in self.workers.values()
                                if not w.retiring)
                 tick = STARTING_TICK if starting else LOOP_TICK
+                tick = min(tick, self.delay_left())
                 name = self.signals.get(timeout=tick)
             except Empty:
                 name = None
             if name is not None:
                 getattr(self, f"handle_{name.lower()}")()
             self.reap_workers()
+            self.end_delay()
             if not self.stopping:
                 self.check_heartbeats()
                 self.spawn_workers()
@@ -284,21 +287,33 @@ class Supervisor:
     # --- signals ---------------------------------------------------------------------------
 
     def handle_term(self):
-        """Drain: workers stop accepting and finish within shutdown-timeout; then exit."""
+        """Drain: /readyz fails at once, workers serve on for shutdown-delay, then stop
+        accepting and finish within shutdown-timeout; then exit.  A second TERM skips what is
+        left of the delay, a third stops at once."""
+        delay = self.config.process.shutdown_delay
+        if self.stop_at is not None:
+            LOGGER.info("signal again: skipping the rest of shutdown-delay")
+        elif delay and not self.stopping:
+            self.stop_at = time.monotonic() + delay
+            LOGGER.info("stopping: /readyz fails now; still accepting for shutdown-delay "
+                        "%.1fs, then draining", delay)
+            return
+        self.stop_at = None
         self.stop(signal.SIGTERM, self.config.process.shutdown_timeout + KILL_GRACE)
 
     def handle_int(self):
-        """Like TERM (Ctrl-C); a second one stops at once."""
+        """Like TERM (Ctrl-C)."""
         self.handle_term()
 
     def handle_quit(self):
-        """Fast stop: workers close every connection now."""
+        """Fast stop: workers close every connection now (no shutdown-delay)."""
+        self.stop_at = None
         self.stop(signal.SIGQUIT, KILL_GRACE)
 
     def handle_hup(self):
         """Reload: new workers take new connections with the re-read config; the old ones
         drain once every new one serves, so no moment is without a listener."""
-        if self.stopping:
+        if self.stopping or self.stop_at is not None:
             LOGGER.warning("reload ignored: stopping")
             return
         try:
@@ -380,6 +395,19 @@ class Supervisor:
 
     # --- workers ---------------------------------------------------------------------------
 
+    def delay_left(self):
+        """Seconds until the shutdown-delay ends (infinite when none runs)."""
+        if self.stop_at is None:
+            return float("inf")
+        return max(0.0, self.stop_at - time.monotonic())
+
+    def end_delay(self):
+        """When the shutdown-delay has run out, tell the workers to drain."""
+        if self.stop_at is not None and time.monotonic() >= self.stop_at:
+            self.stop_at = None
+            LOGGER.info("shutdown-delay over: draining")
+            self.stop(signal.SIGTERM, self.config.process.shutdown_timeout + KILL_GRACE)
+
     def stop(self, signum, grace):
         """Tell every worker to stop with ``signum``; a second stop escalates to QUIT."""
         if self.stopping and signum == signal.SIGTERM:
@@ -413,7 +441,8 @@ class Supervisor:
 
     def roster(self):
         """Who the current workers are and who is missing (what the admin's fleet asks)."""
-        return Roster(self.generation, self.stopping, tuple(self.current_workers()),
+        return Roster(self.generation, self.stopping or self.stop_at is not None,
+                      tuple(self.current_workers()),
                       tuple(self.wanted_indexes()))
 
     def spawn_workers(self):

@@ -171,7 +171,8 @@ def test_bad_paths_and_queries(start_daemon):
 
 
 def test_admin_beyond_loopback_needs_a_token(start_daemon, tmp_path):
-    """Beyond loopback: no token is a config error; with one, 401 without it, 200 with it."""
+    """Beyond loopback: no token is a config error; with one, 401 without it, 200 with it,
+    except the probes /livez and /readyz, which answer their status (not reasons) to anyone."""
     result = subprocess.run(
         [sys.executable, "-m", "gconn", "--admin", "0.0.0.0:0", "--bind", "127.0.0.1:0",
          "--destination", "127.0.0.1:9", "--check-config"], capture_output=True, text=True)
@@ -180,11 +181,20 @@ def test_admin_beyond_loopback_needs_a_token(start_daemon, tmp_path):
     token_file.write_text("s3cret-token\n")
     daemon = start_daemon("--workers", "1", "--admin", "0.0.0.0:0",
                           "--admin-token-file", str(token_file), "--bind", "127.0.0.1:0",
-                          "--destination", f"127.0.0.1:{free_port()}")
+                          "--destination", f"127.0.0.1:{free_port()}", "--shutdown-delay", "10m")
     daemon.admin = "127.0.0.1:" + daemon.admin.rsplit(":", 1)[1]
-    assert get(daemon, "/livez") == (401, '{"error": "unauthorized"}\n')
-    assert get(daemon, "/livez", token="wrong")[0] == 401
+    for path in ("/status", "/connections", "/config", "/metrics"):
+        assert get(daemon, path) == (401, '{"error": "unauthorized"}\n'), path
+        assert get(daemon, path, token="wrong")[0] == 401, path
+        assert get(daemon, path, token="s3cret-token")[0] == 200, path
+    assert get(daemon, "/livez") == (200, "ok\n")
     assert get(daemon, "/livez", token="s3cret-token") == (200, "ok\n")
+    assert get(daemon, "/readyz") == (200, "ready\n")
+    daemon.signal(signal.SIGTERM)  # the delay: not ready, with a reason to hide or show
+    daemon.wait_contains("still accepting for shutdown-delay")
+    assert get(daemon, "/readyz", token="s3cret-token") == (503, "not ready\nstopping\n")
+    assert get(daemon, "/readyz") == (503, "not ready\n")
+    assert get(daemon, "/readyz", token="wrong") == (503, "not ready\n")
     insecure = start_daemon("--workers", "1", "--admin", "0.0.0.0:0", "--admin-insecure",
                             "--bind", "127.0.0.1:0", "--destination", f"127.0.0.1:{free_port()}")
     insecure.admin = "127.0.0.1:" + insecure.admin.rsplit(":", 1)[1]

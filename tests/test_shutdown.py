@@ -1,4 +1,5 @@
-"""SIGTERM/SIGINT: stop accepting, let live transfers finish within shutdown-timeout, exit 0."""
+"""SIGTERM/SIGINT: fail /readyz and keep serving for shutdown-delay, then stop accepting, let
+live transfers finish within shutdown-timeout, exit 0."""
 
 import hashlib
 import json
@@ -7,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -101,3 +103,92 @@ def test_shutdown_ends_sessions_still_connecting(blackhole, start_daemon):
     finally:
         for client in clients:
             client.close()
+
+
+def readyz(daemon):
+    """(status, body) of the daemon's /readyz."""
+    try:
+        with urllib.request.urlopen(f"http://{daemon.admin}/readyz", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def roundtrip(client, data):
+    """Send ``data`` on ``client`` and read it all back from the echo behind gconn."""
+    client.sendall(data)
+    received = b""
+    while len(received) < len(data):
+        chunk = client.recv(65536)
+        assert chunk, "closed mid-echo"
+        received += chunk
+    return received
+
+
+def test_shutdown_delay_fails_readyz_but_serves_new_clients_then_drains(start_echo,
+                                                                        start_daemon):
+    """During shutdown-delay /readyz is 503 while a client connecting after the TERM is
+    served; then new connects are refused and live connections drain to the end."""
+    echo = start_echo()
+    daemon = start_daemon("--workers", "2", "--bind", "127.0.0.1:0",
+                          "--destination", echo.address, "--shutdown-delay", "4s")
+    port = daemon.port()
+    assert readyz(daemon)[0] == 200
+    before = connect(port)
+    assert roundtrip(before, b"before") == b"before"
+    mark = daemon.mark()
+    daemon.signal(signal.SIGTERM)
+    termed = time.monotonic()
+    daemon.wait_contains("still accepting for shutdown-delay", since=mark)
+    assert readyz(daemon) == (503, "not ready\nstopping\n")
+    during = connect(port)  # made after the TERM: still accepted and forwarded
+    data = os.urandom(256 * 1024)
+    assert roundtrip(during, data) == data
+    assert time.monotonic() - termed < 4, "the checks above took longer than the delay"
+    assert not any("refusing new connections" in line for line in daemon.lines[mark:])
+    daemon.wait_contains("shutdown-delay over: draining", since=mark)
+    first = daemon.wait_contains("refusing new connections", since=mark)
+    daemon.wait_contains("refusing new connections", since=daemon.lines.index(first) + 1)
+    assert time.monotonic() - termed >= 4
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    for client, tail in ((before, b"after"), (during, os.urandom(64 * 1024))):
+        assert roundtrip(client, tail) == tail  # live ones still forward while draining
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(10) == b""
+        client.close()
+    assert daemon.wait_exit() == 0
+    ends = [line for line in daemon.lines[mark:] if " end=" in line]
+    assert len(ends) == 2 and all("end=client_closed" in line for line in ends), ends
+
+
+def test_second_term_skips_the_shutdown_delay(start_echo, start_daemon):
+    """A second SIGTERM during a long shutdown-delay makes the workers drain at once."""
+    echo = start_echo()
+    daemon = start_daemon("--bind", "127.0.0.1:0", "--destination", echo.address,
+                          "--shutdown-delay", "10m")
+    mark = daemon.mark()
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_contains("still accepting for shutdown-delay", since=mark)
+    assert readyz(daemon)[0] == 503
+    with connect(daemon.port()) as client:
+        assert roundtrip(client, b"still served") == b"still served"
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_contains("skipping the rest of shutdown-delay", since=mark)
+    daemon.wait_contains("refusing new connections", since=mark)
+    assert daemon.wait_exit() == 0
+
+
+def test_quit_skips_the_shutdown_delay(start_echo, start_daemon):
+    """SIGQUIT during shutdown-delay stops at once, closing live connections."""
+    echo = start_echo()
+    daemon = start_daemon("--bind", "127.0.0.1:0", "--destination", echo.address,
+                          "--shutdown-delay", "10m", "--shutdown-timeout", "10m")
+    with connect(daemon.port()) as client:
+        assert roundtrip(client, b"x") == b"x"
+        mark = daemon.mark()
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_contains("still accepting for shutdown-delay", since=mark)
+        assert stop_gracefully(daemon, signal.SIGQUIT, timeout=20) == 0
+        assert client.recv(10) == b""
+    assert "end=shutdown" in daemon.wait_contains(" end=", since=mark)
