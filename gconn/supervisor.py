@@ -277,6 +277,7 @@ class Supervisor:
                 self.spawn_workers()
                 self.announce_ready()
             self.escalate()
+        self.monitor.stop()  # draining workers kept hearing the checks until the end
         if self.admin is not None:
             self.admin.stop()
         shutil.rmtree(self.control_dir, ignore_errors=True)
@@ -413,7 +414,6 @@ class Supervisor:
         if self.stopping and signum == signal.SIGTERM:
             signum, grace = signal.SIGQUIT, KILL_GRACE
         self.stopping = True
-        self.monitor.stop()
         for key in list(self.reservations):
             self.release_reservation(key)
         for key in list(self.slot_listeners):
