@@ -39,8 +39,11 @@ def route_report(route, now):
     """One route in this worker's report: listening, serving, counts, destinations."""
     admission = route.admission
     with route.destinations.lock.reading():
+        slow_start = route.destinations.slow_start
         destinations = [{"address": d.name, "backup": d.backup, "weight": d.base_weight,
                          "state": d.state, "healthy": d.healthy,
+                         "slow_start_share": round(min(1.0, (now - d.warm_since) / slow_start), 2)
+                         if d in route.destinations.warming else None,
                          "available": d.available(now), "active": d.active,
                          "connected_total": d.connected_total, "failed_total": d.failed_total,
                          "last_error": d.last_error}

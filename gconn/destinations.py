@@ -9,8 +9,14 @@ until the checker has had ``rise`` more good checks of it.  Times are monotonic 
 in by the caller so that every transition is testable without waiting.
 """
 
+import random
+
 from .local import RWLock
 from .strategies import STRATEGIES
+
+# strategies whose picks slow start thins (HAProxy's slowstart applies to its dynamic
+# algorithms only; first-available has no share to grow, source-hash would lose its affinity)
+SLOW_STARTS = ("round-robin", "round-robin-with-fallback", "least-connections")
 
 
 class Destination:
@@ -19,7 +25,7 @@ class Destination:
     __slots__ = ("address", "name", "backup", "send_proxy", "tls", "healthy", "failed_until",
                  "active", "last_error", "connected_total", "failed_total", "check_streak",
                  "bytes_up", "bytes_down", "weight", "base_weight", "state", "generation",
-                 "check", "check_port", "passes", "quarantined_until")
+                 "check", "check_port", "passes", "quarantined_until", "warm_since")
 
     def __init__(self, spec, send_proxy="no", tls=False):
         self.address = spec.address
@@ -36,6 +42,7 @@ class Destination:
         self.healthy = True  # what the checks decided; True until they say otherwise
         self.passes = 0  # good checks so far (a worker's quarantine waits for more of them)
         self.quarantined_until = 0  # passes this worker waits for after a failed connection
+        self.warm_since = 0.0  # monotonic time it came back or was discovered (slow start)
         self.failed_until = 0.0  # monotonic time before which a failed destination is skipped
         self.active = 0  # forwarded connections to it right now
         self.last_error = None
@@ -81,10 +88,11 @@ class Destination:
         self.bytes_up += bytes_up
         self.bytes_down += bytes_down
 
-    def check_result(self, ok, rise, fall):
-        """Apply one active health check (HAProxy's rise/fall): a healthy destination goes
-        down after ``fall`` failed checks in a row, a down one comes back after ``rise``
-        good ones.  Returns True when this check changed ``healthy``."""
+    def check_result(self, ok, rise, fall, now=0.0):
+        """Apply one active health check (HAProxy's rise/fall) at monotonic time ``now``: a
+        healthy destination goes down after ``fall`` failed checks in a row, a down one comes
+        back (its slow start from ``now``) after ``rise`` good ones.  Returns True when this
+        check changed ``healthy``."""
         self.passes += ok
         if ok == self.healthy:
             self.check_streak = 0
@@ -96,6 +104,7 @@ class Destination:
         self.healthy = ok
         if ok:
             self.failed_until = 0.0
+            self.warm_since = now
         return True
 
     def quarantine(self, error, rise):
@@ -113,8 +122,10 @@ class RouteDestinations:
     ``lock.writing()``, so a session never sees a half-applied health transition.
     """
 
-    def __init__(self, specs, strategy, send_proxy="no", tls=False):
+    def __init__(self, specs, strategy, send_proxy="no", tls=False, slow_start=0.0):
         self.send_proxy, self.tls = send_proxy, tls  # the route's, for discovered ones
+        self.slow_start = slow_start if strategy in SLOW_STARTS else 0.0
+        self.warming = []  # destinations in their slow start (a worker's, from the checker)
         self.static = tuple(Destination(spec, send_proxy, tls) for spec in specs
                             if not spec.discover)
         self.discovered = ()  # what dns: and srv: destinations resolved to (discovery.py)
@@ -129,14 +140,29 @@ class RouteDestinations:
         with self.lock.reading():
             chosen = self.choose(self.destinations, self.turn, now, client)
         self.turn += 1
+        if self.warming and len(chosen) > 1:
+            return self.warm(chosen, now)
         return chosen
 
-    def update(self, found):
+    def warm(self, chosen, now):
+        """Slow start: a first candidate in its slow start stays first only with probability
+        (time since it came back) / slow-start, else it goes last; so its share of new
+        connections grows linearly from nothing to its full share over slow-start."""
+        first = chosen[0]
+        if first.warm_since and random.random() * self.slow_start > now - first.warm_since:
+            return chosen[1:] + [first]
+        if any(now - d.warm_since >= self.slow_start for d in self.warming):  # warm now
+            self.warming = [d for d in self.warming if now - d.warm_since < self.slow_start]
+        return chosen
+
+    def update(self, found, now=None):
         """Make ``found`` (plain specs a lookup gave) the discovered destinations, beside the
-        configured ones: one that appears is added, one still there keeps its state and
+        configured ones: one that appears is added (with ``now``, the checker's time, its slow
+        start begins unless this is the first set found), one still there keeps its state and
         counts, one that disappeared takes no new connection (state ``removed``) and leaves
         once its live connections ended.  Returns the Destinations added."""
         with self.lock.writing():
+            warms = now is not None and bool(self.discovered)
             previous = {d.name: d for d in self.discovered}
             kept, added = {}, []
             for spec in found:
@@ -146,6 +172,8 @@ class RouteDestinations:
                 destination = previous.pop(name, None)
                 if destination is None:
                     destination = Destination(spec, self.send_proxy, self.tls)
+                    if warms:
+                        destination.warm_since = now
                     added.append(destination)
                 else:  # its weight stays: one set at runtime wins over the records
                     destination.backup = spec.backup
@@ -160,15 +188,16 @@ class RouteDestinations:
             self.destinations = self.static + self.discovered
         return added
 
-    def check_result(self, destination, ok, rise, fall):
+    def check_result(self, destination, ok, rise, fall, now):
         """Record a health check on ``destination``; True when its health changed."""
         with self.lock.writing():
-            return destination.check_result(ok, rise, fall)
+            return destination.check_result(ok, rise, fall, now)
 
     def health(self):
-        """What the checker publishes: {name: [healthy, passes]} of every destination."""
+        """What the checker publishes: {name: [healthy, passes, warm_since]} of every
+        destination."""
         with self.lock.reading():
-            return {d.name: [d.healthy, d.passes] for d in self.destinations}
+            return {d.name: [d.healthy, d.passes, d.warm_since] for d in self.destinations}
 
     def carry(self, previous):
         """Take over the health found so far from ``previous`` (the same route before a
@@ -180,17 +209,19 @@ class RouteDestinations:
                 if before is not None:
                     destination.healthy, destination.passes = before.healthy, before.passes
                     destination.check_streak = before.check_streak
+                    destination.warm_since = before.warm_since
 
-    def publish(self, health):
-        """Apply the checker's ``health`` ({name: [healthy, passes]}); returns the
-        destinations that went (down, up) and those whose quarantine in this worker is over."""
+    def publish(self, health, now):
+        """Apply the checker's ``health`` ({name: [healthy, passes, warm_since]}) at monotonic
+        time ``now`` (the checker's clock: the same CLOCK_MONOTONIC); returns the destinations
+        that went (down, up) and those whose quarantine in this worker is over."""
         downs, ups, lifted = [], [], []
         with self.lock.writing():
             for destination in self.destinations:
                 found = health.get(destination.name)
                 if found is None:
                     continue
-                healthy, destination.passes = found
+                healthy, destination.passes, destination.warm_since = found
                 if destination.quarantined_until and \
                         destination.passes >= destination.quarantined_until:
                     destination.quarantined_until = 0
@@ -201,6 +232,9 @@ class RouteDestinations:
                     (ups if healthy else downs).append(destination)
                     if healthy:
                         destination.failed_until = 0.0
+            if self.slow_start:
+                self.warming = [d for d in self.destinations
+                                if d.warm_since and now - d.warm_since < self.slow_start]
         return downs, ups, lifted
 
     def quarantine(self, destination, error, rise):

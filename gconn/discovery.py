@@ -14,6 +14,7 @@ destination specs).
 
 import dataclasses
 import logging
+import time
 
 import dns.exception
 import dns.inet
@@ -149,7 +150,7 @@ class Discovery:
         found = [found for spec in self.specs for found in self.last.get(spec, ())]
         before = self.serving()
         first, self.found = self.found is None, found
-        added = self.route.destinations.update(found)
+        added = self.route.destinations.update(found, time.monotonic())
         self.route.health.watch_new(added)
         self.route.changed(first or self.serving() != before)  # published before it is logged
         if self.serving() != before:

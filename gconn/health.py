@@ -91,8 +91,8 @@ class HealthChecks:
             except ResourceExhausted:
                 ok = None  # no verdict
             if ok is not None:
-                transition = self.route.destinations.check_result(destination, ok, config.rise,
-                                                                  config.fall)
+                transition = self.route.destinations.check_result(
+                    destination, ok, config.rise, config.fall, time.monotonic())
                 self.changed(transition)  # published to the workers before it is logged
                 if transition:
                     LOGGER.warning("route=%s destination %s is %s", self.route.name,
@@ -182,7 +182,7 @@ def apply(routes, registry, state):
             continue
         if "found" in entry:
             route.destinations.update([spec_from(found) for found in entry["found"]])
-        downs, ups, lifted = route.destinations.publish(entry["health"])
+        downs, ups, lifted = route.destinations.publish(entry["health"], time.monotonic())
         for destination in lifted:
             LOGGER.warning("route=%s destination %s is up (quarantine over)", route.name,
                            destination.address)

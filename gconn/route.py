@@ -40,7 +40,8 @@ class Route:
         self.name = config.name
         self.registry = registry
         self.destinations = RouteDestinations(config.destinations, config.strategy,
-                                              config.send_proxy, config.destination_tls)
+                                              config.send_proxy, config.destination_tls,
+                                              config.slow_start)
         self.admission = Admission(config.max_connections, config.max_queued)
         self.blocker = HostBlocker(config.max_connect_errors, config.blocked_host_time)
         self.hosts = HostLimits(config.max_connections_per_host,

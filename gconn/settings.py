@@ -588,6 +588,10 @@ SETTINGS = (
     Setting("on-marked-down", ROUTE, one_of(("keep", "shutdown-sessions")), "keep",
             "when checks take a destination down: keep its live connections, or close them "
             "(end=destination_down) so that clients reconnect to one that is up"),
+    Setting("slow-start", ROUTE, parse_duration, "0",
+            "a destination that comes back up (checks) or is added by discovery takes a share "
+            "of new connections growing from nothing to its full share over this time "
+            "(round-robin, round-robin-with-fallback, least-connections); 0: at once"),
     Setting("on-marked-up", ROUTE, one_of(("keep", "shutdown-backup-sessions")), "keep",
             "when checks bring a primary (not backup) destination back: keep the live "
             "connections on backups, or close them (end=primary_up) so that clients move "

@@ -1,7 +1,7 @@
 """Admission, blocked hosts and health transitions as pure decisions (no sockets)."""
 
 from gconn.admission import ADMIT, QUEUE, QUEUE_FULL, QUEUE_TIMEOUT, Admission, HostBlocker
-from gconn.destinations import Destination
+from gconn.destinations import Destination, RouteDestinations
 from gconn.settings import parse_destinations
 
 
@@ -75,12 +75,15 @@ def test_rise_and_fall():
     assert destination.healthy
 
 
-def test_quarantine_takes_a_destination_out_until_it_rises():
-    """A failed connect quarantines; only `rise` good checks bring it back."""
-    destination = Destination(parse_destinations("a:1")[0])
-    destination.quarantine("refused")
+def test_quarantine_takes_a_destination_out_until_the_checker_saw_it_rise():
+    """A failed connect quarantines in this worker (the checker still says up); only `rise`
+    more good checks, as the checker publishes them, bring it back."""
+    routes = RouteDestinations(parse_destinations("a:1"), "first-available")
+    destination = routes.destinations[0]
+    routes.publish({"a:1": [True, 7, 0.0]}, 0.0)
+    routes.quarantine(destination, "refused", rise=2)
+    assert not destination.available(0.0) and destination.healthy
+    assert routes.publish({"a:1": [True, 8, 0.0]}, 0.0) == ([], [], [])
     assert not destination.available(0.0)
-    destination.check_result(True, rise=2, fall=3)
-    assert not destination.available(0.0)
-    destination.check_result(True, rise=2, fall=3)
+    assert routes.publish({"a:1": [True, 9, 0.0]}, 0.0) == ([], [], [destination])
     assert destination.available(0.0)

@@ -303,3 +303,34 @@ def test_a_reload_keeps_what_the_checks_found(tmp_path, tag_servers, start_daemo
     assert {which_tag(daemon.port()) for _ in range(6)} == {"d0"}
     assert not any("quarantined" in line or "connect_failed" in line
                    for line in daemon.lines[mark:])
+
+
+def test_slow_start_share_of_a_returning_destination_grows_over_time(start_daemon):
+    """slow-start 3 s, round-robin over two: d1 back up takes few new connections at first,
+    more later, its full half after slow-start (its share measured per second since the
+    checker brought it back)."""
+    d0, d1 = TagServer("d0"), TagServer("d1")
+    try:
+        daemon = start_daemon(
+            "--workers", "2", "--strategy", "round-robin", "--check-interval", "100ms",
+            "--fall", "1", "--rise", "1", "--slow-start", "3s", "--max-connect-errors", "0",
+            "--bind", "127.0.0.1:0",
+            "--destination", f"127.0.0.1:{d0.port}", "--destination", f"127.0.0.1:{d1.port}")
+        port = daemon.port()
+        mark = daemon.mark()
+        d1.stop()
+        daemon.wait_contains(f"destination 127.0.0.1:{d1.port} is down", since=mark)
+        mark = daemon.mark()
+        d1.start()
+        daemon.wait_contains(f"destination 127.0.0.1:{d1.port} is up", since=mark)
+        began = time.monotonic()  # the workers had it before the line was written
+        seconds = {0: [], 1: [], 2: [], 3: []}
+        while (elapsed := time.monotonic() - began) < 4:
+            seconds[int(elapsed)].append(which_tag(port))
+        shares = [picks.count("d1") / len(picks) for picks in seconds.values()]
+        assert all(len(picks) > 100 for picks in seconds.values()), \
+            [len(picks) for picks in seconds.values()]
+        assert shares[0] < 0.2 and shares[2] > shares[0] + 0.15 and shares[3] > 0.42, shares
+    finally:
+        for server in (d0, d1):
+            server.stop()

@@ -186,3 +186,45 @@ def test_source_hash_shares_clients_by_weight(weight):
     r = route("source-hash", f"a:1 weight={weight}, b:2")
     share = sum(first_for(r, client) == "a" for client in CLIENTS) / len(CLIENTS)
     assert abs(share - weight / (weight + 1)) < 0.05
+
+
+@pytest.mark.parametrize("strategy", ["round-robin", "least-connections"])
+def test_slow_start_share_grows_linearly_over_slow_start(strategy):
+    """A destination back up at time 100 with slow-start 10 s: at 2.5 s it takes about a
+    quarter of its full share of new connections, at 7.5 s three quarters, after 10 s all of
+    it (two destinations: a full share is a half)."""
+    r = RouteDestinations(parse_destinations("a:1, b:2"), strategy, slow_start=10.0)
+    health = {"a:1": [True, 5, 0.0], "b:2": [True, 5, 100.0]}  # b came back at 100
+    r.publish(health, 100.0)
+    assert r.warming == [r.destinations[1]]
+    for elapsed, share in ((2.5, 0.125), (7.5, 0.375), (10.0, 0.5)):
+        firsts = [names(r.candidates(100.0 + elapsed))[0] for _ in range(4000)]
+        assert abs(firsts.count("b") / len(firsts) - share) < 0.03, (elapsed, share)
+    assert r.warming == []  # warm now: no more work per connection
+    assert orders(r, 2, now=111.0) in ([["a", "b"], ["b", "a"]], [["b", "a"], ["a", "b"]])
+
+
+def test_slow_start_never_thins_first_available_or_a_lone_destination():
+    """first-available has no share to grow (its order stays); a destination alone is
+    offered as ever (there is nobody to send the rest to)."""
+    r = RouteDestinations(parse_destinations("a:1, b:2"), "first-available", slow_start=10.0)
+    r.publish({"a:1": [True, 5, 100.0], "b:2": [True, 5, 0.0]}, 100.0)
+    assert orders(r, 20, now=101.0) == [["a", "b"]] * 20
+    alone = RouteDestinations(parse_destinations("a:1"), "round-robin", slow_start=10.0)
+    alone.publish({"a:1": [True, 5, 100.0]}, 100.0)
+    assert orders(alone, 20, now=100.5) == [["a"]] * 20
+
+
+def test_checks_and_discovery_start_the_slow_start():
+    """The checker's side: a destination the checks bring back, or one discovery adds to a
+    set it had already found, carries the time it came (published to the workers)."""
+    r = RouteDestinations(parse_destinations("a:1"), "round-robin")
+    a = r.destinations[0]
+    assert r.check_result(a, False, 1, 1, 50.0)  # down at 50
+    assert not a.healthy and a.warm_since == 0.0
+    assert r.check_result(a, True, 1, 1, 60.0) and a.warm_since == 60.0
+    first = r.update(parse_destinations("b:2"), now=70.0)
+    assert [d.warm_since for d in first] == [0.0]  # the first set found: no slow start
+    added = r.update(parse_destinations("b:2, c:3"), now=80.0)
+    assert [(d.name, d.warm_since) for d in added] == [("c:3", 80.0)]
+    assert r.health()["c:3"] == [True, 0, 80.0]
