@@ -32,6 +32,7 @@ from .errors import ConfigError, StartupError
 from .fleet import Fleet, Roster
 from .heartbeat import Heartbeats
 from .monitor import Monitor
+from .notify import Notifier
 from .protocols import tls
 from .sockets import connections_per_process, keepalive_options, listen, raise_open_files_limit
 from .worker import worker_process
@@ -49,6 +50,9 @@ HOLD_FOR_REPLACEMENT = 1.0
 EXPIRY_WARNING = datetime.timedelta(days=7)  # a certificate closer to its end is logged
 YOUNG = 5.0  # seconds: a worker that dies younger than this counts towards backoff
 KILL_GRACE = 5.0  # seconds between TERM and KILL for a worker that overruns its drain
+# a worker whose heartbeat is older than this withholds systemd's watchdog ping (workers stamp
+# every second; systemd acts only when pings stay away for WatchdogSec)
+HEARTBEAT_LATE = 3.0
 SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "CHLD")
 HELD_SIGNALS = {getattr(signal, f"SIG{name}") for name in SIGNALS if name != "CHLD"}
 
@@ -200,6 +204,7 @@ class Supervisor:
         # handed to every worker started later (and kept in state-file, if set)
         self.changes = read_state_file(config.process.state_file)
         self.monitor = Monitor(self.control_dir, lambda: list(self.workers))
+        self.notifier = Notifier()  # systemd's notify socket, when NOTIFY_SOCKET is set
 
     # --- start -----------------------------------------------------------------------------
 
@@ -264,7 +269,7 @@ class Supervisor:
                 starting = any(not self.heartbeats.ready(w.slot) for w in self.workers.values()
                                if not w.retiring)
                 tick = STARTING_TICK if starting else LOOP_TICK
-                tick = min(tick, self.delay_left())
+                tick = min(tick, self.delay_left(), self.notifier.watchdog_tick())
                 name = self.signals.get(timeout=tick)
             except Empty:
                 name = None
@@ -277,6 +282,9 @@ class Supervisor:
                 self.spawn_workers()
                 self.announce_ready()
             self.escalate()
+            self.notifier.watchdog(self.workers_healthy())
+            if self.notifier.enabled:
+                self.notifier.status(self.status_line())
         self.monitor.stop()  # draining workers kept hearing the checks until the end
         if self.admin is not None:
             self.admin.stop()
@@ -295,6 +303,7 @@ class Supervisor:
         if self.stop_at is not None:
             LOGGER.info("signal again: skipping the rest of shutdown-delay")
         elif delay and not self.stopping:
+            self.notifier.stopping()
             self.stop_at = time.monotonic() + delay
             LOGGER.info("stopping: /readyz fails now; still accepting for shutdown-delay "
                         "%.1fs, then draining", delay)
@@ -317,16 +326,20 @@ class Supervisor:
         if self.stopping or self.stop_at is not None:
             LOGGER.warning("reload ignored: stopping")
             return
+        self.notifier.reloading()
         try:
             config, _ = load(self.argv)
             config = self.reserve_addresses(config)
             log.setup(config.process)
         except (ConfigError, StartupError) as error:
             LOGGER.error("reload failed, keeping the running config: %s", error)
+            self.notifier.ready(f"reload failed, running the previous config: {error}")
             return
         except OSError as error:
             LOGGER.error("reload failed, keeping the running config: cannot open log file "
                          "%s: %s", error.filename, error.strerror)
+            self.notifier.ready(f"reload failed, running the previous config: cannot open "
+                                f"log file {error.filename}")
             return
         LOGGER.info("reloading: generation %d", self.generation + 1)
         self.config = config
@@ -413,6 +426,7 @@ class Supervisor:
         """Tell every worker to stop with ``signum``; a second stop escalates to QUIT."""
         if self.stopping and signum == signal.SIGTERM:
             signum, grace = signal.SIGQUIT, KILL_GRACE
+        self.notifier.stopping()
         self.stopping = True
         for key in list(self.reservations):
             self.release_reservation(key)
@@ -542,6 +556,7 @@ class Supervisor:
                 self.admin.abandon()  # the admin endpoint is the supervisor's alone
             checked = self.monitor.state()
             self.monitor.abandon()  # so are the checks
+            self.notifier.abandon()  # and speaking to systemd
             code = worker_process(self.config, index, worker_count(self.config),
                                   self.heartbeats, slot, self.generation, listeners,
                                   supervisor_pid, self.control_dir, self.changes, checked)
@@ -560,9 +575,28 @@ class Supervisor:
         if pids != self.announced and all(self.heartbeats.ready(w.slot) for w in current):
             self.announced = pids
             LOGGER.info("ready workers=%d generation=%d", len(current), self.generation)
+            self.notifier.ready(self.status_line())
             outgoing, self.outgoing = self.outgoing, []
             self.retire([w for w in outgoing if w.pid in self.workers], signal.SIGTERM,
                         self.config.process.shutdown_timeout + KILL_GRACE)
+
+    def workers_healthy(self):
+        """Whether every worker not retiring stamped its heartbeat lately (what systemd's
+        watchdog pings vouch for, with the supervisor's loop that sends them)."""
+        return all(self.heartbeats.age(w.slot) <= HEARTBEAT_LATE
+                   for w in self.workers.values() if not w.retiring)
+
+    def status_line(self):
+        """One line for systemd's STATUS=: connections (as of the heartbeats), workers,
+        generation, and the old generations still draining."""
+        current = self.current_workers()
+        connections = sum(self.heartbeats.connections(w.slot) for w in self.workers.values())
+        line = (f"{connections} connections, {len(current)} workers, generation "
+                f"{self.generation}")
+        draining = [w for w in self.workers.values() if w.retiring]
+        if draining:
+            line += f", {len(draining)} draining"
+        return line
 
     def reap_workers(self):
         """Collect exited workers; schedule replacements with backoff for young deaths."""
