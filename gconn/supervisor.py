@@ -25,7 +25,7 @@ import time
 import gevent
 from gevent.queue import Empty, Queue
 
-from . import control, log, metrics
+from . import activation, control, log, metrics
 from .admin import Admin
 from .config import load
 from .errors import ConfigError, StartupError
@@ -169,6 +169,7 @@ class WorkerProcess:
     started: float
     retiring: bool = False  # told to drain (reload or stop); not replaced when it exits
     kill_at: float | None = None  # monotonic time to escalate to SIGKILL
+    hard_stop_at: float | None = None  # monotonic time hard-stop-after ends its drain
 
 
 class Supervisor:
@@ -205,18 +206,26 @@ class Supervisor:
         self.changes = read_state_file(config.process.state_file)
         self.monitor = Monitor(self.control_dir, lambda: list(self.workers))
         self.notifier = Notifier()  # systemd's notify socket, when NOTIFY_SOCKET is set
+        # listening sockets systemd (LISTEN_FDS) handed over; kept until gconn exits, so that
+        # every generation serves from them and the port is never closed by gconn
+        self.inherited = activation.inherited_sockets()
+        self.activated = {}  # str(route bind) -> the inherited socket serving it
 
     # --- start -----------------------------------------------------------------------------
 
     def reserve_addresses(self, config):
         """Bind every TCP route address once (no listen) to learn port-0 ports and fail early
         on an address in use; return the config with every port fixed."""
+        config, activated = self.take_inherited(config)
         routes = []
-        wanted = {reservation_key(route) for route in config.routes}
+        wanted = {reservation_key(route) for route in config.routes
+                  if str(route.bind) not in activated}
         for key in [key for key in self.reservations if key not in wanted]:
             self.release_reservation(key)  # a route removed or moved by a reload
         for route in config.routes:
-            if route.bind.family == "tcp":
+            if str(route.bind) in activated:
+                pass
+            elif route.bind.family == "tcp":
                 key = reservation_key(route)
                 holder = self.reservations.get(key)
                 if holder is None:
@@ -228,7 +237,27 @@ class Supervisor:
                 # one listening unix socket, made here and inherited by every worker
                 self.reservations[str(route.bind)] = listen(route.bind, route.backlog)
             routes.append(route)
+        self.activated = activated
         return dataclasses.replace(config, routes=tuple(routes))
+
+    def take_inherited(self, config):
+        """(``config`` with each route that an inherited socket serves bound to that socket's
+        address, {str(address): socket} of those); an inherited socket no route takes is
+        logged."""
+        taken = activation.match(config.routes, self.inherited)
+        for entry in activation.unmatched(config.routes, self.inherited):
+            LOGGER.warning("inherited socket name=%s address=%s matches no route: unused",
+                           entry.name, entry.address)
+        routes, activated = [], {}
+        for route in config.routes:
+            entry = taken.get(route.name)
+            if entry is not None:
+                route = dataclasses.replace(route, bind=entry.address)
+                LOGGER.info("route=%s serves the inherited socket name=%s address=%s",
+                            route.name, entry.name, entry.address)
+                activated[str(entry.address)] = entry.socket
+            routes.append(route)
+        return dataclasses.replace(config, routes=tuple(routes)), activated
 
     def release_reservation(self, key):
         """Close a reserved address (and remove a unix socket's file)."""
@@ -443,6 +472,15 @@ class Supervisor:
             worker.kill_at = deadline if worker.kill_at is None else min(worker.kill_at, deadline)
             self.kill(worker.pid, signum)
 
+    def retire_generation(self, workers):
+        """Drain ``workers`` (an old generation, or a worker TTOU removes) within
+        shutdown-timeout, or hard-stop-after when that is set and sooner."""
+        self.retire(workers, signal.SIGTERM, self.config.process.shutdown_timeout + KILL_GRACE)
+        hard_stop_after = self.config.process.hard_stop_after
+        if hard_stop_after:
+            for worker in workers:
+                worker.hard_stop_at = time.monotonic() + hard_stop_after
+
     def current_workers(self):
         """The workers of the current generation that are not retiring."""
         return [w for w in self.workers.values()
@@ -457,7 +495,8 @@ class Supervisor:
         """Who the current workers are and who is missing (what the admin's fleet asks)."""
         return Roster(self.generation, self.stopping or self.stop_at is not None,
                       tuple(self.current_workers()),
-                      tuple(self.wanted_indexes()))
+                      tuple(self.wanted_indexes()),
+                      tuple(w for w in self.workers.values() if w.retiring))
 
     def spawn_workers(self):
         """Fork the missing workers of the current generation (respecting restart backoff);
@@ -477,7 +516,16 @@ class Supervisor:
         listeners = {}
         for route in self.config.routes:
             name = str(route.bind)
-            if route.bind.family != "tcp" or name in listeners:  # shared by server name
+            if name in listeners:  # shared by server name
+                continue
+            if name in self.activated:  # one socket for every worker (socket activation)
+                listener = self.activated[name]
+                if route.bind.family == "tcp":
+                    for option in keepalive_options(route, switch_off=True):
+                        listener.setsockopt(*option)
+                listeners[name] = listener
+                continue
+            if route.bind.family != "tcp":
                 continue
             key = (name, index)
             listener = self.slot_listeners.get(key)
@@ -499,7 +547,8 @@ class Supervisor:
         count = worker_count(self.config)
         for key in list(self.slot_listeners):
             name, number = key
-            if name not in binds or number >= count or number == index:
+            if name not in binds or name in self.activated or number >= count \
+                    or number == index:
                 self.slot_listeners.pop(key).close()
 
     def spawn_worker(self, index):
@@ -552,6 +601,9 @@ class Supervisor:
             for listener in self.slot_listeners.values():  # the other workers' stay theirs
                 if listener not in listeners.values():
                     listener.close()
+            for entry in self.inherited:  # an inherited socket no route serves
+                if entry.socket not in listeners.values():
+                    entry.socket.close()
             if self.admin is not None:
                 self.admin.abandon()  # the admin endpoint is the supervisor's alone
             checked = self.monitor.state()
@@ -577,8 +629,7 @@ class Supervisor:
             LOGGER.info("ready workers=%d generation=%d", len(current), self.generation)
             self.notifier.ready(self.status_line())
             outgoing, self.outgoing = self.outgoing, []
-            self.retire([w for w in outgoing if w.pid in self.workers], signal.SIGTERM,
-                        self.config.process.shutdown_timeout + KILL_GRACE)
+            self.retire_generation([w for w in outgoing if w.pid in self.workers])
 
     def workers_healthy(self):
         """Whether every worker not retiring stamped its heartbeat lately (what systemd's
@@ -650,8 +701,18 @@ class Supervisor:
                     + KILL_GRACE
 
     def escalate(self):
-        """SIGKILL retiring workers that overran their deadline."""
+        """Stop at once (QUIT) old workers past hard-stop-after; SIGKILL retiring workers that
+        overran their deadline."""
         now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.hard_stop_at is not None and now >= worker.hard_stop_at:
+                LOGGER.warning("worker %d pid=%d generation=%d still drains %d connections "
+                               "after hard-stop-after; closing them", worker.index,
+                               worker.pid, worker.generation,
+                               self.heartbeats.connections(worker.slot))
+                self.kill(worker.pid, signal.SIGQUIT)
+                worker.hard_stop_at = None
+                worker.kill_at = min(worker.kill_at or float("inf"), now + KILL_GRACE)
         for worker in self.workers.values():
             if worker.kill_at is not None and now >= worker.kill_at:
                 LOGGER.warning("worker %d pid=%d overran its drain; killing it", worker.index,

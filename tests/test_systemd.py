@@ -24,6 +24,7 @@ from gconn.supervisor import KILL_GRACE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIT = os.path.join(ROOT, "conf", "gconn.service")
+SOCKET_UNIT = os.path.join(ROOT, "conf", "gconn.socket")
 CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -227,9 +228,10 @@ def unit_values():
     return parser
 
 
-def test_unit_passes_systemd_analyze_verify(tmp_path):
-    """systemd-analyze verify finds nothing to say about conf/gconn.service (its ExecStart
-    pointed at this install's gconn, since verify checks that the program exists)."""
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    """systemd-analyze verify finds nothing to say about conf/gconn.service and
+    conf/gconn.socket (ExecStart pointed at this install's gconn, since verify checks that the
+    program exists)."""
     gconn = os.path.join(os.path.dirname(sys.executable), "gconn")
     assert os.access(gconn, os.X_OK), f"{gconn}: gconn is not installed next to python"
     with open(UNIT) as stream:
@@ -237,8 +239,9 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
     assert "ExecStart=/usr/local/bin/gconn " in text
     unit = tmp_path / "gconn.service"
     unit.write_text(text.replace("ExecStart=/usr/local/bin/gconn ", f"ExecStart={gconn} "))
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
-                            text=True, timeout=60)
+    shutil.copy(SOCKET_UNIT, tmp_path / "gconn.socket")
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "gconn.socket"),
+                             str(unit)], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
