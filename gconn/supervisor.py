@@ -53,7 +53,7 @@ KILL_GRACE = 5.0  # seconds between TERM and KILL for a worker that overruns its
 # a worker whose heartbeat is older than this withholds systemd's watchdog ping (workers stamp
 # every second; systemd acts only when pings stay away for WatchdogSec)
 HEARTBEAT_LATE = 3.0
-SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "CHLD")
+SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "TTIN", "TTOU", "CHLD")
 HELD_SIGNALS = {getattr(signal, f"SIG{name}") for name in SIGNALS if name != "CHLD"}
 
 
@@ -194,6 +194,7 @@ class Supervisor:
         self.slot_listeners = {}
         self.restart_after = {}  # worker index -> monotonic time its replacement may start
         self.deaths = {}  # worker index -> consecutive young deaths
+        self.added_workers = 0  # workers TTIN added (TTOU took away) on top of the config's
         self.stopping = False
         self.stop_at = None  # monotonic time the shutdown-delay after a TERM ends; None: none
         self.signal_handles = []
@@ -292,7 +293,7 @@ class Supervisor:
             signum = getattr(signal, f"SIG{name}")
             self.signal_handles.append(gevent.signal_handler(signum, self.signals.put, name))
         self.spawn_workers()
-        LOGGER.info("supervisor pid=%d workers=%d", os.getpid(), worker_count(self.config))
+        LOGGER.info("supervisor pid=%d workers=%d", os.getpid(), self.worker_target())
         while self.workers or not self.stopping:
             try:
                 starting = any(not self.heartbeats.ready(w.slot) for w in self.workers.values()
@@ -371,6 +372,10 @@ class Supervisor:
                                 f"log file {error.filename}")
             return
         LOGGER.info("reloading: generation %d", self.generation + 1)
+        if self.added_workers and config.process.workers != self.config.process.workers:
+            LOGGER.info("workers changed in the config: TTIN/TTOU's %+d dropped",
+                        self.added_workers)
+            self.added_workers = 0
         self.config = config
         self.monitor.configure(config)
         known = {(route.name, str(spec.address)) for route in config.routes
@@ -396,6 +401,36 @@ class Supervisor:
             LOGGER.error("cannot reopen log file %s: %s", error.filename, error.strerror)
         for worker in self.workers.values():
             self.kill(worker.pid, signal.SIGUSR1)
+
+    def handle_ttin(self):
+        """Add a worker (kept across reloads until the config's workers changes)."""
+        if self.stopping or self.stop_at is not None:
+            LOGGER.warning("TTIN ignored: stopping")
+            return
+        self.added_workers += 1
+        LOGGER.info("adding worker %d: %d workers", self.worker_target() - 1,
+                    self.worker_target())
+        self.spawn_workers()
+
+    def handle_ttou(self):
+        """Remove the highest-numbered worker: it drains like a reload's old generation."""
+        if self.stopping or self.stop_at is not None:
+            LOGGER.warning("TTOU ignored: stopping")
+            return
+        if self.worker_target() <= 1:
+            LOGGER.warning("TTOU ignored: one worker left")
+            return
+        self.added_workers -= 1
+        removed = [w for w in self.current_workers() if w.index >= self.worker_target()]
+        for worker in removed:
+            LOGGER.info("removing worker %d pid=%d: draining; %d workers", worker.index,
+                        worker.pid, self.worker_target())
+        self.retire_generation(removed)
+        # its listening sockets leave the SO_REUSEPORT group now, so the kernel sends new
+        # clients to the others (those queued in its own at this instant are reset unless
+        # net.ipv4.tcp_migrate_req moves them)
+        self.prune_slot_listeners()
+        self.restart_after.pop(self.worker_target(), None)
 
     def handle_chld(self):
         """A worker changed state: reaped in the loop."""
@@ -481,6 +516,10 @@ class Supervisor:
             for worker in workers:
                 worker.hard_stop_at = time.monotonic() + hard_stop_after
 
+    def worker_target(self):
+        """How many workers the current generation has: the config's, plus TTIN, less TTOU."""
+        return max(1, worker_count(self.config) + self.added_workers)
+
     def current_workers(self):
         """The workers of the current generation that are not retiring."""
         return [w for w in self.workers.values()
@@ -489,7 +528,7 @@ class Supervisor:
     def wanted_indexes(self):
         """Worker indexes of the current generation that have no live process."""
         live = {w.index for w in self.current_workers()}
-        return [index for index in range(worker_count(self.config)) if index not in live]
+        return [index for index in range(self.worker_target()) if index not in live]
 
     def roster(self):
         """Who the current workers are and who is missing (what the admin's fleet asks)."""
@@ -544,7 +583,7 @@ class Supervisor:
         """Close the kept listening sockets no worker of the current config will take over
         (a route gone or moved, a worker index beyond ``workers``), or worker ``index``'s."""
         binds = {str(route.bind) for route in self.config.routes}
-        count = worker_count(self.config)
+        count = self.worker_target()
         for key in list(self.slot_listeners):
             name, number = key
             if name not in binds or name in self.activated or number >= count \
@@ -591,6 +630,8 @@ class Supervisor:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker reopens logs
+            for signum in (signal.SIGTTIN, signal.SIGTTOU):  # the supervisor's; by default
+                signal.signal(signum, signal.SIG_IGN)  # they would stop the process
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # TERM now: default exit
             listeners = dict(listeners)
             for key, holder in self.reservations.items():
@@ -609,7 +650,7 @@ class Supervisor:
             checked = self.monitor.state()
             self.monitor.abandon()  # so are the checks
             self.notifier.abandon()  # and speaking to systemd
-            code = worker_process(self.config, index, worker_count(self.config),
+            code = worker_process(self.config, index, self.worker_target(),
                                   self.heartbeats, slot, self.generation, listeners,
                                   supervisor_pid, self.control_dir, self.changes, checked)
         except BaseException:

@@ -2,6 +2,7 @@
 drains (and /status lists those still draining); TTIN and TTOU add and remove a worker."""
 
 import json
+import re
 import signal
 import time
 import urllib.request
@@ -90,3 +91,88 @@ def test_hard_stop_after_closes_a_reloaded_generation_and_status_lists_it(start_
     daemon.wait_contains("after hard-stop-after; closing them", since=mark)
     assert "end=shutdown" in daemon.wait_contains(" end=", since=mark)
     wait_for(lambda: status(daemon)["draining"] == [], what="no generation draining")
+
+
+def worker_pids(daemon, since=0):
+    """{pid: index} of the workers started from line ``since`` on."""
+    return {int(match.group(2)): int(match.group(1)) for line in daemon.lines[since:]
+            if (match := re.search(r"worker (\d+) started pid=(\d+)", line))}
+
+
+def test_ttin_adds_a_worker_and_ttou_drains_one(start_echo, start_daemon):
+    """TTIN starts worker 2 of 2 configured (logged ready with 3); TTOU drains the highest
+    index: its live connection finishes intact while it refuses new ones, then it exits and
+    is not replaced; TTOU never goes below one worker."""
+    backend = start_echo()
+    daemon = start_daemon("--workers", "2", "--bind", "127.0.0.1:0", "--destination",
+                          backend.address)
+    mark = daemon.mark()
+    daemon.signal(signal.SIGTTIN)
+    daemon.wait_contains("ready workers=3 generation=0", since=mark)
+    (added,) = [pid for pid, index in worker_pids(daemon, mark).items() if index == 2]
+    assert status(daemon)["workers"] == 3
+    # hold a connection on worker 2, whichever worker the kernel gives it to
+    held = []
+    while not held:
+        client = connect(daemon.port())
+        echo(client)
+        (connection,) = [c for c in status_connections(daemon)
+                         if c["client"] == f"127.0.0.1:{client.getsockname()[1]}"]
+        if connection["worker"] == added:
+            held.append(client)
+        else:
+            client.close()
+    mark = daemon.mark()
+    daemon.signal(signal.SIGTTOU)
+    daemon.wait_contains(f"removing worker 2 pid={added}", since=mark)
+    daemon.wait_contains("ready workers=2 generation=0", since=mark)
+    assert echo(held[0], b"still") == b"still"
+    held[0].close()
+    daemon.wait_contains(f"worker 2 pid={added} finished", since=mark)
+    assert not worker_pids(daemon, mark)  # nothing replaced it
+    daemon.signal(signal.SIGTTOU)
+    daemon.wait_contains("ready workers=1 generation=0", since=mark)
+    mark = daemon.mark()
+    daemon.signal(signal.SIGTTOU)
+    daemon.wait_contains("TTOU ignored: one worker left", since=mark)
+    with connect(daemon.port()) as client:
+        assert echo(client) == b"ping"
+
+
+def status_connections(daemon):
+    with urllib.request.urlopen(f"http://{daemon.admin}/connections", timeout=10) as answer:
+        found = json.loads(answer.read())
+    return found["connections"] if isinstance(found, dict) else found
+
+
+def test_ttin_count_survives_a_reload_and_limits_are_split_again_by_it(tmp_path,
+                                                                        start_echo,
+                                                                        start_daemon):
+    """TTIN's extra worker takes a share of max-connections made for 3 workers while the
+    others keep theirs for 2 (13 of 10 in all) until a HUP splits 10 over the 3 it keeps; a
+    reload that changes workers drops TTIN's count."""
+    backend = start_echo()
+    config = tmp_path / "gconn.conf"
+    text = (f"[gconn]\nworkers = 2\n[route:default]\nbind = 127.0.0.1:0\n"
+            f"destinations = {backend.address}\nmax-connections = 10\n")
+    config.write_text(text)
+    daemon = start_daemon("-c", str(config))
+
+    def limit():
+        return status(daemon)["routes"]["default"]["limit"]
+
+    assert limit() == 10
+    mark = daemon.mark()
+    daemon.signal(signal.SIGTTIN)
+    daemon.wait_contains("ready workers=3 generation=0", since=mark)
+    assert limit() == 5 + 5 + 3
+    mark = daemon.mark()
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_contains("ready workers=3 generation=1", since=mark)
+    wait_for(lambda: status(daemon)["workers"] == 3 and limit() == 4 + 3 + 3,
+             what="the limit split over 3 workers")
+    config.write_text(text.replace("workers = 2", "workers = 1"))
+    mark = daemon.mark()
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_contains("TTIN/TTOU's +1 dropped", since=mark)
+    daemon.wait_contains("ready workers=1 generation=2", since=mark)
