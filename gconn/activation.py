@@ -41,11 +41,12 @@ def socket_address(sock):
     return Address("tcp", host=bound[0], port=bound[1])
 
 
-def inherited_sockets(environ=os.environ):
+def inherited_sockets(environ=os.environ, bound_only=lambda name: False):
     """The listening stream sockets handed to this process, taken out of the environment
     (so that no child sees them as its own); [] when there are none or they are another
     process's (``LISTEN_PID``).  Each descriptor is made close-on-exec; one that is not a
-    listening stream socket is logged and closed."""
+    listening stream socket (only bound, for a name ``bound_only`` accepts) is logged and
+    closed."""
     values = {name: environ.pop(name, None) for name in ENVIRONMENT}
     if values["LISTEN_PID"] != str(os.getpid()) or not values["LISTEN_FDS"]:
         return []
@@ -67,8 +68,8 @@ def inherited_sockets(environ=os.environ):
             LOGGER.warning("inherited descriptor %d (%s) is not a socket: %s", descriptor,
                            name, error.strerror)
             continue
-        if sock.type != socket.SOCK_STREAM or \
-                not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        if sock.type != socket.SOCK_STREAM or not (
+                bound_only(name) or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
             LOGGER.warning("inherited descriptor %d (%s) is not a listening stream socket: "
                            "closed", descriptor, name)
             sock.close()

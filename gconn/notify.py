@@ -51,22 +51,26 @@ class Notifier:
 
     def __init__(self, environ=os.environ):
         values = {name: environ.pop(name, None) for name in ENVIRONMENT}
+        self.socket_name = values["NOTIFY_SOCKET"]  # handed on by an upgrade (upgrade.py)
         self.address = socket_address(values["NOTIFY_SOCKET"]) \
             if values["NOTIFY_SOCKET"] else None
         self.socket = None
         if self.address is not None:
             self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # close-on-exec
         self.watchdog_interval = None  # seconds between pings; None: no watchdog
+        self.watchdog_usec = None  # WATCHDOG_USEC as given, handed on by an upgrade
         usec, pid = values["WATCHDOG_USEC"], values["WATCHDOG_PID"]
         if self.socket is not None and usec and (not pid or pid == str(os.getpid())):
             try:
                 self.watchdog_interval = int(usec) * MICROSECONDS * WATCHDOG_FRACTION
+                self.watchdog_usec = usec
             except ValueError:
                 LOGGER.warning("WATCHDOG_USEC=%r is not a number: no watchdog", usec)
         self.last_ping = float("-inf")
         self.last_status = None
         self.failed = False  # a send failed (logged once)
         self.said_stopping = False  # STOPPING=1 goes once
+        self.muted = False  # not the main process (an upgrade's old or new one): say nothing
 
     @property
     def enabled(self):
@@ -75,7 +79,7 @@ class Notifier:
 
     def send(self, **fields):
         """Send one datagram of ``fields``; nothing when not under systemd."""
-        if self.socket is None:
+        if self.socket is None or self.muted:
             return
         try:
             self.socket.sendto(message(**fields), self.address)
@@ -102,7 +106,7 @@ class Notifier:
 
     def status(self, text):
         """STATUS=text, sent only when it changed."""
-        if text != self.last_status:
+        if text != self.last_status and not self.muted:
             self.last_status = text
             self.send(status=text)
 
@@ -125,6 +129,21 @@ class Notifier:
         if self.watchdog_interval is None:
             return float("inf")
         return max(0.0, self.last_ping + self.watchdog_interval - time.monotonic())
+
+    def mute(self, muted=True):
+        """Say nothing more (or again, with ``muted=False``): systemd hears only its main
+        process, which an upgrade moves from the old supervisor to the new one."""
+        self.muted = muted
+
+    def environment(self):
+        """The variables that let an upgrade's new supervisor speak to systemd in turn
+        (upgrade.py sets WATCHDOG_PID to the new process)."""
+        if self.socket_name is None:
+            return {}
+        environ = {"NOTIFY_SOCKET": self.socket_name}
+        if self.watchdog_usec is not None:
+            environ["WATCHDOG_USEC"] = self.watchdog_usec
+        return environ
 
     def abandon(self):
         """In a forked worker: close the copy of the socket (only the supervisor notifies)."""

@@ -8,7 +8,9 @@ Workers report liveness by writing a monotonic timestamp into a shared page; a w
 for worker-timeout is killed and replaced, a worker that dies is restarted with backoff.
 Asking the workers what they hold is the admin's (fleet.py); the supervisor only hands it a
 roster of its current workers.  Destination health checks and DNS discovery run here, once
-for the whole gconn (monitor.py), and are published to every worker.
+for the whole gconn (monitor.py), and are published to every worker.  Only the supervisor
+speaks to systemd (notify.py), takes the sockets it hands over (activation.py) and hands its
+own to the next supervisor on USR2 (upgrade.py).
 """
 
 import dataclasses
@@ -25,7 +27,7 @@ import time
 import gevent
 from gevent.queue import Empty, Queue
 
-from . import activation, control, log, metrics
+from . import activation, control, log, metrics, upgrade
 from .admin import Admin
 from .config import load
 from .errors import ConfigError, StartupError
@@ -53,7 +55,8 @@ KILL_GRACE = 5.0  # seconds between TERM and KILL for a worker that overruns its
 # a worker whose heartbeat is older than this withholds systemd's watchdog ping (workers stamp
 # every second; systemd acts only when pings stay away for WatchdogSec)
 HEARTBEAT_LATE = 3.0
-SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "TTIN", "TTOU", "CHLD")
+UPGRADE_ANSWER = 10.0  # seconds a new supervisor waits for the old one to hand over
+SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "TTIN", "TTOU", "CHLD")
 HELD_SIGNALS = {getattr(signal, f"SIG{name}") for name in SIGNALS if name != "CHLD"}
 
 
@@ -209,8 +212,17 @@ class Supervisor:
         self.notifier = Notifier()  # systemd's notify socket, when NOTIFY_SOCKET is set
         # listening sockets systemd (LISTEN_FDS) handed over; kept until gconn exits, so that
         # every generation serves from them and the port is never closed by gconn
-        self.inherited = activation.inherited_sockets()
+        self.inherited = activation.inherited_sockets(bound_only=upgrade.is_reservation)
         self.activated = {}  # str(route bind) -> the inherited socket serving it
+        # started by an upgrade (USR2): the old supervisor's sockets become ours, and we stay
+        # silent to systemd until the old one has made us its main process
+        self.inherited, slots, reservations, self.admin_socket = upgrade.adopt(self.inherited)
+        self.slot_listeners.update(slots)
+        self.reservations.update(reservations)
+        self.upgrade_channel = upgrade.channel_from_environment()  # to the old supervisor
+        if self.upgrade_channel is not None:
+            self.notifier.mute()
+        self.upgrading = None  # (pid, socket pair end) of the new supervisor USR2 started
 
     # --- start -----------------------------------------------------------------------------
 
@@ -279,6 +291,7 @@ class Supervisor:
     def run(self):
         """Start the workers, then dispatch signals and tend workers until stopped."""
         self.config = self.reserve_addresses(self.config)
+        self.prune_slot_listeners()  # an upgrade's sockets for worker indexes we do not have
         self.check_capacity(self.config)
         self.metrics_dir = metrics.setup()  # before any fork: workers inherit the metrics
         self.monitor.configure(self.config)
@@ -287,7 +300,7 @@ class Supervisor:
         if process.admin is not None:
             fleet = Fleet(self.control_dir, self.roster, self.heartbeats)
             self.admin = Admin(process.admin, self.admin_token, fleet, self.metrics_dir,
-                               lambda: self.config, changer=self)
+                               lambda: self.config, changer=self, sock=self.admin_socket)
             self.admin.start()
         for name in SIGNALS:
             signum = getattr(signal, f"SIG{name}")
@@ -431,6 +444,90 @@ class Supervisor:
         # net.ipv4.tcp_migrate_req moves them)
         self.prune_slot_listeners()
         self.restart_after.pop(self.worker_target(), None)
+
+    def handle_usr2(self):
+        """Upgrade: run the installed program again with every listening socket; once its
+        workers serve it takes over and this supervisor drains (as a reload) and exits."""
+        if self.stopping or self.stop_at is not None or self.upgrading is not None:
+            LOGGER.warning("upgrade ignored: %s", "one is under way" if self.upgrading
+                           else "stopping")
+            return
+        sockets = upgrade.handover(self.slot_listeners, self.reservations,
+                                   self.admin.socket if self.admin is not None else None,
+                                   self.inherited)
+        try:
+            pid, channel = upgrade.spawn(self.argv or [], sockets, self.notifier.environment(),
+                                         HELD_SIGNALS)
+        except OSError as error:
+            LOGGER.error("upgrade failed: cannot start the new supervisor: %s", error.strerror)
+            return
+        LOGGER.info("upgrading: new supervisor pid=%d started with %d sockets", pid,
+                    len(sockets))
+        self.upgrading = (pid, channel)
+        gevent.spawn(self.await_upgrade, channel)
+
+    def await_upgrade(self, channel):
+        """Wait for the new supervisor's word (or its end) and queue it for the loop."""
+        try:
+            said = channel.recv(len(upgrade.READY))
+        except OSError:
+            said = b""
+        self.signals.put("UPGRADED" if said == upgrade.READY else "UPGRADE_FAILED")
+
+    def handle_upgraded(self):
+        """The new supervisor serves: make it systemd's main process, hand it the sockets
+        for good and drain (as a reload), then exit; no STOPPING=1."""
+        pid, channel = self.upgrading
+        self.notifier.send(mainpid=pid, ready=1)
+        self.notifier.mute()
+        try:
+            channel.sendall(upgrade.MAIN)
+        except OSError:
+            pass
+        channel.close()
+        if self.admin is not None:  # the new supervisor answers on the same socket
+            self.admin.stop()
+            self.admin = None
+        for holder in self.reservations.values():  # closed, not released: unix paths stay
+            holder.close()
+        self.reservations.clear()
+        for listener in self.slot_listeners.values():
+            listener.close()
+        self.slot_listeners.clear()
+        self.stopping = True
+        self.outgoing.clear()
+        workers = [w for w in self.workers.values() if not w.retiring]
+        LOGGER.info("upgraded: supervisor pid=%d serves; draining %d workers", pid,
+                    len(workers))
+        self.retire_generation(workers)
+
+    def handle_upgrade_failed(self):
+        """The new supervisor ended before it served: this one goes on as before."""
+        if self.upgrading is None or self.stopping:  # already known, or it took over
+            return
+        pid, channel = self.upgrading
+        channel.close()
+        self.upgrading = None
+        LOGGER.error("upgrade failed: new supervisor pid=%d ended before serving; still "
+                     "serving", pid)
+
+    def confirm_upgrade(self):
+        """Started by an upgrade and now serving: tell the old supervisor, and speak to
+        systemd once it has made us the main process."""
+        channel, self.upgrade_channel = self.upgrade_channel, None
+        try:
+            channel.settimeout(UPGRADE_ANSWER)
+            channel.sendall(upgrade.READY)
+            answer = channel.recv(len(upgrade.MAIN))
+        except OSError:
+            answer = b""
+        channel.close()
+        if answer != upgrade.MAIN:
+            LOGGER.warning("the old supervisor did not answer the upgrade; not speaking to "
+                           "systemd")
+            return
+        self.notifier.mute(False)
+        self.notifier.status(self.status_line())
 
     def handle_chld(self):
         """A worker changed state: reaped in the loop."""
@@ -630,8 +727,8 @@ class Supervisor:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker reopens logs
-            for signum in (signal.SIGTTIN, signal.SIGTTOU):  # the supervisor's; by default
-                signal.signal(signum, signal.SIG_IGN)  # they would stop the process
+            for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2):  # the
+                signal.signal(signum, signal.SIG_IGN)  # supervisor's; they would stop or end it
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # TERM now: default exit
             listeners = dict(listeners)
             for key, holder in self.reservations.items():
@@ -650,6 +747,9 @@ class Supervisor:
             checked = self.monitor.state()
             self.monitor.abandon()  # so are the checks
             self.notifier.abandon()  # and speaking to systemd
+            for channel in (self.upgrade_channel, self.upgrading and self.upgrading[1]):
+                if channel:  # an upgrade's word is between the supervisors alone
+                    channel.close()
             code = worker_process(self.config, index, self.worker_target(),
                                   self.heartbeats, slot, self.generation, listeners,
                                   supervisor_pid, self.control_dir, self.changes, checked)
@@ -669,6 +769,8 @@ class Supervisor:
             self.announced = pids
             LOGGER.info("ready workers=%d generation=%d", len(current), self.generation)
             self.notifier.ready(self.status_line())
+            if self.upgrade_channel is not None:
+                gevent.spawn(self.confirm_upgrade)
             outgoing, self.outgoing = self.outgoing, []
             self.retire_generation([w for w in outgoing if w.pid in self.workers])
 
@@ -701,6 +803,10 @@ class Supervisor:
                 return
             worker = self.workers.pop(pid, None)
             if worker is None:
+                if self.upgrading is not None and pid == self.upgrading[0]:
+                    LOGGER.info("new supervisor pid=%d exited (%s)", pid, describe_exit(
+                        os.waitstatus_to_exitcode(wait_status)))
+                    self.signals.put("UPGRADE_FAILED")  # unless it had taken over
                 continue
             connections = self.heartbeats.connections(worker.slot)
             self.heartbeats.give_back(worker.slot)
