@@ -3,9 +3,12 @@ Debian's systemd-socket-activate, or by the test standing in for systemd), match
 address; the port stays open while gconn restarts."""
 
 import os
+import shutil
 import signal
 import socket
+import stat
 import sys
+import tempfile
 
 from conftest import Daemon, Process, connect, free_port
 
@@ -155,3 +158,24 @@ def test_port_stays_open_while_gconn_restarts(tmp_path, processes, start_echo):
             assert receive(waiting, 6) == b"during"
     finally:
         holder.close()
+
+
+def test_inherited_unix_socket_is_served_and_its_path_left_alone(processes, start_echo):
+    """A unix socket systemd made serves the route bound to its path; gconn never removes
+    that path (it is systemd's), not even when it stops."""
+    echo = start_echo()
+    directory = tempfile.mkdtemp(prefix="gconn-activation-", dir="/tmp")
+    path = os.path.join(directory, "front.sock")
+    try:
+        launched = start_activated(processes, "--workers", "2", "--bind", f"unix:{path}",
+                                   "--destination", echo.address, listen=[path])
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+            launched.wait_ready()
+            assert echo_once(client) == b"ping"
+        launched.wait_contains(f"serves the inherited socket name=unknown address=unix:{path}")
+        launched.signal(signal.SIGTERM)
+        assert launched.wait_exit() == 0
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
