@@ -55,13 +55,14 @@ class AccessLog:
 class Admin:
     """The admin endpoint of one supervisor."""
 
-    def __init__(self, address, token, fleet, metrics_dir, current_config, changer=None):
+    def __init__(self, address, token, fleet, metrics_dir, current_config, changer=None,
+                 sock=None):
         self.token = token  # the bearer token every request must carry; None: no check
         self.fleet = fleet  # the supervisor's workers, asked together
         self.metrics_dir = metrics_dir  # the workers' prometheus-client multiprocess files
         self.current_config = current_config  # returns the Config in effect (reloads change it)
         self.changer = changer  # the supervisor: set_destination and unblock
-        self.socket = listen(address, 128)
+        self.socket = sock or listen(address, 128)  # sock: handed over by an upgrade
         self.address = bound_address(self.socket, address)
         # Requests are served by greenlets of this pool, one connection each, closed after
         # one answer: the supervisor forks only while the pool is empty, so no request is

@@ -8,6 +8,7 @@ never on the data path.
 """
 
 import dataclasses
+import time
 
 from . import control
 
@@ -24,6 +25,7 @@ class Roster:
     stopping: bool
     current: tuple  # the current generation's workers that are not retiring (index, pid, slot)
     missing: tuple  # indexes of the current generation's workers that have no process yet
+    draining: tuple = ()  # workers told to drain (older generations, removed ones, a stop)
 
 
 def route_totals(reports):
@@ -56,6 +58,25 @@ def route_totals(reports):
         total["top_hosts"] = [{"host": host, "connections": live} for host, live in sorted(
             total["top_hosts"].items(), key=lambda item: -item[1])[:control.TOP_HOSTS]]
     return routes
+
+
+def draining_generations(workers, heartbeats, now=None):
+    """Per generation still draining, oldest first: its workers, their live connections as of
+    their last heartbeats (nobody is asked: a draining worker may be busy), and the seconds
+    until hard-stop-after closes them (None when it is off)."""
+    now = time.monotonic() if now is None else now
+    generations = {}
+    for worker in workers:
+        entry = generations.setdefault(worker.generation, {
+            "generation": worker.generation, "workers": 0, "connections": 0,
+            "hard_stop_in": None})
+        entry["workers"] += 1
+        entry["connections"] += heartbeats.connections(worker.slot)
+        if worker.hard_stop_at is not None:
+            left = round(max(0.0, worker.hard_stop_at - now), 1)
+            entry["hard_stop_in"] = left if entry["hard_stop_in"] is None \
+                else min(entry["hard_stop_in"], left)
+    return [generations[generation] for generation in sorted(generations)]
 
 
 class Fleet:
@@ -99,7 +120,8 @@ class Fleet:
         reports = self.ask(roster.current, "report")
         return {"generation": roster.generation, "workers": len(reports),
                 "workers_answering": sum(1 for report in reports.values() if report is not None),
-                "routes": route_totals(reports.values())}
+                "routes": route_totals(reports.values()),
+                "draining": draining_generations(roster.draining, self.heartbeats)}
 
     def connections(self, stacks=False):
         """Every live connection of every current worker; with ``stacks``, each with its

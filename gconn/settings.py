@@ -468,6 +468,12 @@ SETTINGS = (
     Setting("shutdown-timeout", PROCESS, parse_duration, "30s",
             "on SIGTERM/SIGINT, how long live connections may run before they are closed "
             "(counted from the end of shutdown-delay)"),
+    # --- systemd and runtime worker changes (issue 20): keep these together -------------
+    Setting("hard-stop-after", PROCESS, parse_duration, "0",
+            "the longest an old generation of workers may drain after a reload (HUP) or a "
+            "worker's removal (TTOU), HAProxy's name: then its connections are closed "
+            "(end=shutdown), so that reloads do not pile up generations; it caps their "
+            "shutdown-timeout, which a stop (TERM) still uses whole; 0: off"),
     Setting("bind", ROUTE_ONLY, parse_bind, None,
             "where the route listens: host:port, [ipv6]:port or unix:/path"),
     Setting("destinations", ROUTE_ONLY, parse_destinations, None,

@@ -46,6 +46,11 @@ def render(totals):
         if route.get("top_hosts"):
             lines.append("  top client hosts: " + ", ".join(
                 f"{entry['host']}={entry['connections']}" for entry in route["top_hosts"]))
+    for entry in totals.get("draining", []):
+        hard_stop = "" if entry["hard_stop_in"] is None \
+            else f", closed in {entry['hard_stop_in']:g}s (hard-stop-after)"
+        lines.append(f"draining: generation {entry['generation']}, {entry['workers']} workers, "
+                     f"{entry['connections']} connections{hard_stop}")
     return "\n".join(lines)
 
 

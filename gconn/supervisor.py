@@ -8,7 +8,9 @@ Workers report liveness by writing a monotonic timestamp into a shared page; a w
 for worker-timeout is killed and replaced, a worker that dies is restarted with backoff.
 Asking the workers what they hold is the admin's (fleet.py); the supervisor only hands it a
 roster of its current workers.  Destination health checks and DNS discovery run here, once
-for the whole gconn (monitor.py), and are published to every worker.
+for the whole gconn (monitor.py), and are published to every worker.  Only the supervisor
+speaks to systemd (notify.py), takes the sockets it hands over (activation.py) and hands its
+own to the next supervisor on USR2 (upgrade.py).
 """
 
 import dataclasses
@@ -25,13 +27,14 @@ import time
 import gevent
 from gevent.queue import Empty, Queue
 
-from . import control, log, metrics
+from . import activation, control, log, metrics, upgrade
 from .admin import Admin
 from .config import load
 from .errors import ConfigError, StartupError
 from .fleet import Fleet, Roster
 from .heartbeat import Heartbeats
 from .monitor import Monitor
+from .notify import Notifier
 from .protocols import tls
 from .sockets import connections_per_process, keepalive_options, listen, raise_open_files_limit
 from .worker import worker_process
@@ -49,7 +52,11 @@ HOLD_FOR_REPLACEMENT = 1.0
 EXPIRY_WARNING = datetime.timedelta(days=7)  # a certificate closer to its end is logged
 YOUNG = 5.0  # seconds: a worker that dies younger than this counts towards backoff
 KILL_GRACE = 5.0  # seconds between TERM and KILL for a worker that overruns its drain
-SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "CHLD")
+# a worker whose heartbeat is older than this withholds systemd's watchdog ping (workers stamp
+# every second; systemd acts only when pings stay away for WatchdogSec)
+HEARTBEAT_LATE = 3.0
+UPGRADE_ANSWER = 10.0  # seconds a new supervisor waits for the old one to hand over
+SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "TTIN", "TTOU", "CHLD")
 HELD_SIGNALS = {getattr(signal, f"SIG{name}") for name in SIGNALS if name != "CHLD"}
 
 
@@ -165,6 +172,7 @@ class WorkerProcess:
     started: float
     retiring: bool = False  # told to drain (reload or stop); not replaced when it exits
     kill_at: float | None = None  # monotonic time to escalate to SIGKILL
+    hard_stop_at: float | None = None  # monotonic time hard-stop-after ends its drain
 
 
 class Supervisor:
@@ -189,6 +197,7 @@ class Supervisor:
         self.slot_listeners = {}
         self.restart_after = {}  # worker index -> monotonic time its replacement may start
         self.deaths = {}  # worker index -> consecutive young deaths
+        self.added_workers = 0  # workers TTIN added (TTOU took away) on top of the config's
         self.stopping = False
         self.stop_at = None  # monotonic time the shutdown-delay after a TERM ends; None: none
         self.signal_handles = []
@@ -200,18 +209,36 @@ class Supervisor:
         # handed to every worker started later (and kept in state-file, if set)
         self.changes = read_state_file(config.process.state_file)
         self.monitor = Monitor(self.control_dir, lambda: list(self.workers))
+        self.notifier = Notifier()  # systemd's notify socket, when NOTIFY_SOCKET is set
+        # listening sockets systemd (LISTEN_FDS) handed over; kept until gconn exits, so that
+        # every generation serves from them and the port is never closed by gconn
+        self.inherited = activation.inherited_sockets(bound_only=upgrade.is_reservation)
+        self.activated = {}  # str(route bind) -> the inherited socket serving it
+        # started by an upgrade (USR2): the old supervisor's sockets become ours, and we stay
+        # silent to systemd until the old one has made us its main process
+        self.inherited, slots, reservations, self.admin_socket = upgrade.adopt(self.inherited)
+        self.slot_listeners.update(slots)
+        self.reservations.update(reservations)
+        self.upgrade_channel = upgrade.channel_from_environment()  # to the old supervisor
+        if self.upgrade_channel is not None:
+            self.notifier.mute()
+        self.upgrading = None  # (pid, socket pair end) of the new supervisor USR2 started
 
     # --- start -----------------------------------------------------------------------------
 
     def reserve_addresses(self, config):
         """Bind every TCP route address once (no listen) to learn port-0 ports and fail early
         on an address in use; return the config with every port fixed."""
+        config, activated = self.take_inherited(config)
         routes = []
-        wanted = {reservation_key(route) for route in config.routes}
+        wanted = {reservation_key(route) for route in config.routes
+                  if str(route.bind) not in activated}
         for key in [key for key in self.reservations if key not in wanted]:
             self.release_reservation(key)  # a route removed or moved by a reload
         for route in config.routes:
-            if route.bind.family == "tcp":
+            if str(route.bind) in activated:
+                pass
+            elif route.bind.family == "tcp":
                 key = reservation_key(route)
                 holder = self.reservations.get(key)
                 if holder is None:
@@ -223,7 +250,27 @@ class Supervisor:
                 # one listening unix socket, made here and inherited by every worker
                 self.reservations[str(route.bind)] = listen(route.bind, route.backlog)
             routes.append(route)
+        self.activated = activated
         return dataclasses.replace(config, routes=tuple(routes))
+
+    def take_inherited(self, config):
+        """(``config`` with each route that an inherited socket serves bound to that socket's
+        address, {str(address): socket} of those); an inherited socket no route takes is
+        logged."""
+        taken = activation.match(config.routes, self.inherited)
+        for entry in activation.unmatched(config.routes, self.inherited):
+            LOGGER.warning("inherited socket name=%s address=%s matches no route: unused",
+                           entry.name, entry.address)
+        routes, activated = [], {}
+        for route in config.routes:
+            entry = taken.get(route.name)
+            if entry is not None:
+                route = dataclasses.replace(route, bind=entry.address)
+                LOGGER.info("route=%s serves the inherited socket name=%s address=%s",
+                            route.name, entry.name, entry.address)
+                activated[str(entry.address)] = entry.socket
+            routes.append(route)
+        return dataclasses.replace(config, routes=tuple(routes)), activated
 
     def release_reservation(self, key):
         """Close a reserved address (and remove a unix socket's file)."""
@@ -244,6 +291,7 @@ class Supervisor:
     def run(self):
         """Start the workers, then dispatch signals and tend workers until stopped."""
         self.config = self.reserve_addresses(self.config)
+        self.prune_slot_listeners()  # an upgrade's sockets for worker indexes we do not have
         self.check_capacity(self.config)
         self.metrics_dir = metrics.setup()  # before any fork: workers inherit the metrics
         self.monitor.configure(self.config)
@@ -252,19 +300,19 @@ class Supervisor:
         if process.admin is not None:
             fleet = Fleet(self.control_dir, self.roster, self.heartbeats)
             self.admin = Admin(process.admin, self.admin_token, fleet, self.metrics_dir,
-                               lambda: self.config, changer=self)
+                               lambda: self.config, changer=self, sock=self.admin_socket)
             self.admin.start()
         for name in SIGNALS:
             signum = getattr(signal, f"SIG{name}")
             self.signal_handles.append(gevent.signal_handler(signum, self.signals.put, name))
         self.spawn_workers()
-        LOGGER.info("supervisor pid=%d workers=%d", os.getpid(), worker_count(self.config))
+        LOGGER.info("supervisor pid=%d workers=%d", os.getpid(), self.worker_target())
         while self.workers or not self.stopping:
             try:
                 starting = any(not self.heartbeats.ready(w.slot) for w in self.workers.values()
                                if not w.retiring)
                 tick = STARTING_TICK if starting else LOOP_TICK
-                tick = min(tick, self.delay_left())
+                tick = min(tick, self.delay_left(), self.notifier.watchdog_tick())
                 name = self.signals.get(timeout=tick)
             except Empty:
                 name = None
@@ -277,6 +325,9 @@ class Supervisor:
                 self.spawn_workers()
                 self.announce_ready()
             self.escalate()
+            self.notifier.watchdog(self.workers_healthy())
+            if self.notifier.enabled:
+                self.notifier.status(self.status_line())
         self.monitor.stop()  # draining workers kept hearing the checks until the end
         if self.admin is not None:
             self.admin.stop()
@@ -295,6 +346,7 @@ class Supervisor:
         if self.stop_at is not None:
             LOGGER.info("signal again: skipping the rest of shutdown-delay")
         elif delay and not self.stopping:
+            self.notifier.stopping()
             self.stop_at = time.monotonic() + delay
             LOGGER.info("stopping: /readyz fails now; still accepting for shutdown-delay "
                         "%.1fs, then draining", delay)
@@ -317,18 +369,26 @@ class Supervisor:
         if self.stopping or self.stop_at is not None:
             LOGGER.warning("reload ignored: stopping")
             return
+        self.notifier.reloading()
         try:
             config, _ = load(self.argv)
             config = self.reserve_addresses(config)
             log.setup(config.process)
         except (ConfigError, StartupError) as error:
             LOGGER.error("reload failed, keeping the running config: %s", error)
+            self.notifier.ready(f"reload failed, running the previous config: {error}")
             return
         except OSError as error:
             LOGGER.error("reload failed, keeping the running config: cannot open log file "
                          "%s: %s", error.filename, error.strerror)
+            self.notifier.ready(f"reload failed, running the previous config: cannot open "
+                                f"log file {error.filename}")
             return
         LOGGER.info("reloading: generation %d", self.generation + 1)
+        if self.added_workers and config.process.workers != self.config.process.workers:
+            LOGGER.info("workers changed in the config: TTIN/TTOU's %+d dropped",
+                        self.added_workers)
+            self.added_workers = 0
         self.config = config
         self.monitor.configure(config)
         known = {(route.name, str(spec.address)) for route in config.routes
@@ -354,6 +414,120 @@ class Supervisor:
             LOGGER.error("cannot reopen log file %s: %s", error.filename, error.strerror)
         for worker in self.workers.values():
             self.kill(worker.pid, signal.SIGUSR1)
+
+    def handle_ttin(self):
+        """Add a worker (kept across reloads until the config's workers changes)."""
+        if self.stopping or self.stop_at is not None:
+            LOGGER.warning("TTIN ignored: stopping")
+            return
+        self.added_workers += 1
+        LOGGER.info("adding worker %d: %d workers", self.worker_target() - 1,
+                    self.worker_target())
+        self.spawn_workers()
+
+    def handle_ttou(self):
+        """Remove the highest-numbered worker: it drains like a reload's old generation."""
+        if self.stopping or self.stop_at is not None:
+            LOGGER.warning("TTOU ignored: stopping")
+            return
+        if self.worker_target() <= 1:
+            LOGGER.warning("TTOU ignored: one worker left")
+            return
+        self.added_workers -= 1
+        removed = [w for w in self.current_workers() if w.index >= self.worker_target()]
+        for worker in removed:
+            LOGGER.info("removing worker %d pid=%d: draining; %d workers", worker.index,
+                        worker.pid, self.worker_target())
+        self.retire_generation(removed)
+        # its listening sockets leave the SO_REUSEPORT group now, so the kernel sends new
+        # clients to the others (those queued in its own at this instant are reset unless
+        # net.ipv4.tcp_migrate_req moves them)
+        self.prune_slot_listeners()
+        self.restart_after.pop(self.worker_target(), None)
+
+    def handle_usr2(self):
+        """Upgrade: run the installed program again with every listening socket; once its
+        workers serve it takes over and this supervisor drains (as a reload) and exits."""
+        if self.stopping or self.stop_at is not None or self.upgrading is not None:
+            LOGGER.warning("upgrade ignored: %s", "one is under way" if self.upgrading
+                           else "stopping")
+            return
+        sockets = upgrade.handover(self.slot_listeners, self.reservations,
+                                   self.admin.socket if self.admin is not None else None,
+                                   self.inherited)
+        try:
+            pid, channel = upgrade.spawn(self.argv or [], sockets, self.notifier.environment(),
+                                         HELD_SIGNALS)
+        except OSError as error:
+            LOGGER.error("upgrade failed: cannot start the new supervisor: %s", error.strerror)
+            return
+        LOGGER.info("upgrading: new supervisor pid=%d started with %d sockets", pid,
+                    len(sockets))
+        self.upgrading = (pid, channel)
+        gevent.spawn(self.await_upgrade, channel)
+
+    def await_upgrade(self, channel):
+        """Wait for the new supervisor's word (or its end) and queue it for the loop."""
+        try:
+            said = channel.recv(len(upgrade.READY))
+        except OSError:
+            said = b""
+        self.signals.put("UPGRADED" if said == upgrade.READY else "UPGRADE_FAILED")
+
+    def handle_upgraded(self):
+        """The new supervisor serves: make it systemd's main process, hand it the sockets
+        for good and drain (as a reload), then exit; no STOPPING=1."""
+        pid, channel = self.upgrading
+        self.notifier.send(mainpid=pid, ready=1)
+        self.notifier.mute()
+        try:
+            channel.sendall(upgrade.MAIN)
+        except OSError:
+            pass
+        channel.close()
+        if self.admin is not None:  # the new supervisor answers on the same socket
+            self.admin.stop()
+            self.admin = None
+        for holder in self.reservations.values():  # closed, not released: unix paths stay
+            holder.close()
+        self.reservations.clear()
+        for listener in self.slot_listeners.values():
+            listener.close()
+        self.slot_listeners.clear()
+        self.stopping = True
+        self.outgoing.clear()
+        workers = [w for w in self.workers.values() if not w.retiring]
+        LOGGER.info("upgraded: supervisor pid=%d serves; draining %d workers", pid,
+                    len(workers))
+        self.retire_generation(workers)
+
+    def handle_upgrade_failed(self):
+        """The new supervisor ended before it served: this one goes on as before."""
+        if self.upgrading is None or self.stopping:  # already known, or it took over
+            return
+        pid, channel = self.upgrading
+        channel.close()
+        self.upgrading = None
+        LOGGER.error("upgrade failed: new supervisor pid=%d ended before serving; still "
+                     "serving", pid)
+
+    def confirm_upgrade(self):
+        """Started by an upgrade and now serving: tell the old supervisor, and speak to
+        systemd once it has made us the main process."""
+        channel, self.upgrade_channel = self.upgrade_channel, None
+        try:
+            channel.settimeout(UPGRADE_ANSWER)
+            channel.sendall(upgrade.READY)
+            answer = channel.recv(len(upgrade.MAIN))
+        except OSError:
+            answer = b""
+        channel.close()
+        if answer != upgrade.MAIN:
+            LOGGER.warning("the old supervisor did not answer the upgrade; not speaking to "
+                           "systemd")
+            return
+        self.notifier.mute(False)
+        self.notifier.status(self.status_line())
 
     def handle_chld(self):
         """A worker changed state: reaped in the loop."""
@@ -413,6 +587,7 @@ class Supervisor:
         """Tell every worker to stop with ``signum``; a second stop escalates to QUIT."""
         if self.stopping and signum == signal.SIGTERM:
             signum, grace = signal.SIGQUIT, KILL_GRACE
+        self.notifier.stopping()
         self.stopping = True
         for key in list(self.reservations):
             self.release_reservation(key)
@@ -429,6 +604,19 @@ class Supervisor:
             worker.kill_at = deadline if worker.kill_at is None else min(worker.kill_at, deadline)
             self.kill(worker.pid, signum)
 
+    def retire_generation(self, workers):
+        """Drain ``workers`` (an old generation, or a worker TTOU removes) within
+        shutdown-timeout, or hard-stop-after when that is set and sooner."""
+        self.retire(workers, signal.SIGTERM, self.config.process.shutdown_timeout + KILL_GRACE)
+        hard_stop_after = self.config.process.hard_stop_after
+        if hard_stop_after:
+            for worker in workers:
+                worker.hard_stop_at = time.monotonic() + hard_stop_after
+
+    def worker_target(self):
+        """How many workers the current generation has: the config's, plus TTIN, less TTOU."""
+        return max(1, worker_count(self.config) + self.added_workers)
+
     def current_workers(self):
         """The workers of the current generation that are not retiring."""
         return [w for w in self.workers.values()
@@ -437,13 +625,14 @@ class Supervisor:
     def wanted_indexes(self):
         """Worker indexes of the current generation that have no live process."""
         live = {w.index for w in self.current_workers()}
-        return [index for index in range(worker_count(self.config)) if index not in live]
+        return [index for index in range(self.worker_target()) if index not in live]
 
     def roster(self):
         """Who the current workers are and who is missing (what the admin's fleet asks)."""
         return Roster(self.generation, self.stopping or self.stop_at is not None,
                       tuple(self.current_workers()),
-                      tuple(self.wanted_indexes()))
+                      tuple(self.wanted_indexes()),
+                      tuple(w for w in self.workers.values() if w.retiring))
 
     def spawn_workers(self):
         """Fork the missing workers of the current generation (respecting restart backoff);
@@ -463,7 +652,16 @@ class Supervisor:
         listeners = {}
         for route in self.config.routes:
             name = str(route.bind)
-            if route.bind.family != "tcp" or name in listeners:  # shared by server name
+            if name in listeners:  # shared by server name
+                continue
+            if name in self.activated:  # one socket for every worker (socket activation)
+                listener = self.activated[name]
+                if route.bind.family == "tcp":
+                    for option in keepalive_options(route, switch_off=True):
+                        listener.setsockopt(*option)
+                listeners[name] = listener
+                continue
+            if route.bind.family != "tcp":
                 continue
             key = (name, index)
             listener = self.slot_listeners.get(key)
@@ -482,10 +680,11 @@ class Supervisor:
         """Close the kept listening sockets no worker of the current config will take over
         (a route gone or moved, a worker index beyond ``workers``), or worker ``index``'s."""
         binds = {str(route.bind) for route in self.config.routes}
-        count = worker_count(self.config)
+        count = self.worker_target()
         for key in list(self.slot_listeners):
             name, number = key
-            if name not in binds or number >= count or number == index:
+            if name not in binds or name in self.activated or number >= count \
+                    or number == index:
                 self.slot_listeners.pop(key).close()
 
     def spawn_worker(self, index):
@@ -528,6 +727,8 @@ class Supervisor:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the worker reopens logs
+            for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2):  # the
+                signal.signal(signum, signal.SIG_IGN)  # supervisor's; they would stop or end it
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # TERM now: default exit
             listeners = dict(listeners)
             for key, holder in self.reservations.items():
@@ -538,11 +739,18 @@ class Supervisor:
             for listener in self.slot_listeners.values():  # the other workers' stay theirs
                 if listener not in listeners.values():
                     listener.close()
+            for entry in self.inherited:  # an inherited socket no route serves
+                if entry.socket not in listeners.values():
+                    entry.socket.close()
             if self.admin is not None:
                 self.admin.abandon()  # the admin endpoint is the supervisor's alone
             checked = self.monitor.state()
             self.monitor.abandon()  # so are the checks
-            code = worker_process(self.config, index, worker_count(self.config),
+            self.notifier.abandon()  # and speaking to systemd
+            for channel in (self.upgrade_channel, self.upgrading and self.upgrading[1]):
+                if channel:  # an upgrade's word is between the supervisors alone
+                    channel.close()
+            code = worker_process(self.config, index, self.worker_target(),
                                   self.heartbeats, slot, self.generation, listeners,
                                   supervisor_pid, self.control_dir, self.changes, checked)
         except BaseException:
@@ -560,9 +768,29 @@ class Supervisor:
         if pids != self.announced and all(self.heartbeats.ready(w.slot) for w in current):
             self.announced = pids
             LOGGER.info("ready workers=%d generation=%d", len(current), self.generation)
+            self.notifier.ready(self.status_line())
+            if self.upgrade_channel is not None:
+                gevent.spawn(self.confirm_upgrade)
             outgoing, self.outgoing = self.outgoing, []
-            self.retire([w for w in outgoing if w.pid in self.workers], signal.SIGTERM,
-                        self.config.process.shutdown_timeout + KILL_GRACE)
+            self.retire_generation([w for w in outgoing if w.pid in self.workers])
+
+    def workers_healthy(self):
+        """Whether every worker not retiring stamped its heartbeat lately (what systemd's
+        watchdog pings vouch for, with the supervisor's loop that sends them)."""
+        return all(self.heartbeats.age(w.slot) <= HEARTBEAT_LATE
+                   for w in self.workers.values() if not w.retiring)
+
+    def status_line(self):
+        """One line for systemd's STATUS=: connections (as of the heartbeats), workers,
+        generation, and the old generations still draining."""
+        current = self.current_workers()
+        connections = sum(self.heartbeats.connections(w.slot) for w in self.workers.values())
+        line = (f"{connections} connections, {len(current)} workers, generation "
+                f"{self.generation}")
+        draining = [w for w in self.workers.values() if w.retiring]
+        if draining:
+            line += f", {len(draining)} draining"
+        return line
 
     def reap_workers(self):
         """Collect exited workers; schedule replacements with backoff for young deaths."""
@@ -575,6 +803,10 @@ class Supervisor:
                 return
             worker = self.workers.pop(pid, None)
             if worker is None:
+                if self.upgrading is not None and pid == self.upgrading[0]:
+                    LOGGER.info("new supervisor pid=%d exited (%s)", pid, describe_exit(
+                        os.waitstatus_to_exitcode(wait_status)))
+                    self.signals.put("UPGRADE_FAILED")  # unless it had taken over
                 continue
             connections = self.heartbeats.connections(worker.slot)
             self.heartbeats.give_back(worker.slot)
@@ -616,8 +848,18 @@ class Supervisor:
                     + KILL_GRACE
 
     def escalate(self):
-        """SIGKILL retiring workers that overran their deadline."""
+        """Stop at once (QUIT) old workers past hard-stop-after; SIGKILL retiring workers that
+        overran their deadline."""
         now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.hard_stop_at is not None and now >= worker.hard_stop_at:
+                LOGGER.warning("worker %d pid=%d generation=%d still drains %d connections "
+                               "after hard-stop-after; closing them", worker.index,
+                               worker.pid, worker.generation,
+                               self.heartbeats.connections(worker.slot))
+                self.kill(worker.pid, signal.SIGQUIT)
+                worker.hard_stop_at = None
+                worker.kill_at = min(worker.kill_at or float("inf"), now + KILL_GRACE)
         for worker in self.workers.values():
             if worker.kill_at is not None and now >= worker.kill_at:
                 LOGGER.warning("worker %d pid=%d overran its drain; killing it", worker.index,

@@ -25,14 +25,15 @@ CHUNK = 64 * 1024
 class Process:
     """A gconn or gconn-echo subprocess whose stderr/stdout lines are collected as they come."""
 
-    def __init__(self, args, env=None, cwd=None, preexec=None):
+    def __init__(self, args, env=None, cwd=None, preexec=None, pass_fds=()):
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.args = args
         self.popen = subprocess.Popen(
             [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env=full_env, cwd=cwd, text=True, bufsize=1,
-            start_new_session=True, preexec_fn=preexec)  # own group: teardown reaches workers
+            start_new_session=True,  # own group: teardown reaches workers
+            preexec_fn=preexec, pass_fds=pass_fds)
         self.lines = []
         self.finished = False  # the process closed its output
         self._changed = threading.Condition()
