@@ -29,6 +29,7 @@ from gevent.queue import Empty, Queue
 
 from . import activation, control, log, metrics, upgrade
 from .admin import Admin
+from .bindings import Bindings
 from .config import load
 from .errors import ConfigError, StartupError
 from .fleet import Fleet, Roster
@@ -36,7 +37,7 @@ from .heartbeat import Heartbeats
 from .monitor import Monitor
 from .notify import Notifier
 from .protocols import tls
-from .sockets import connections_per_process, keepalive_options, listen, raise_open_files_limit
+from .sockets import connections_per_process, raise_open_files_limit
 from .worker import worker_process
 
 LOGGER = logging.getLogger("gconn.supervisor")
@@ -108,13 +109,6 @@ def capacity_warnings(config, open_files_limit):
                 f"route={route.name} max-connections {route.max_connections} is below the "
                 f"{workers} workers: each worker serves at most 1, so up to {workers} at once")
     return warnings
-
-
-def reservation_key(route):
-    """The key of a route's reserved address: port-0 routes each get a port of their own."""
-    if route.bind.family == "tcp" and route.bind.port == 0:
-        return f"{route.bind}#{route.name}"
-    return str(route.bind)
 
 
 def read_state_file(path):
@@ -189,12 +183,6 @@ class Supervisor:
         self.workers = {}  # pid -> WorkerProcess
         self.signals = Queue()
         self.heartbeats = Heartbeats()
-        self.reservations = {}  # reservation_key(route) -> socket holding the route's address
-        # (str(bind), worker index) -> the listening socket that worker index accepts from in
-        # every generation (nginx's master keeps its reuseport sockets the same way): a
-        # reload's or a replacement's worker accepts what queued in its predecessor's, which
-        # closing a socket of the SO_REUSEPORT group would have reset
-        self.slot_listeners = {}
         self.restart_after = {}  # worker index -> monotonic time its replacement may start
         self.deaths = {}  # worker index -> consecutive young deaths
         self.added_workers = 0  # workers TTIN added (TTOU took away) on top of the config's
@@ -210,77 +198,18 @@ class Supervisor:
         self.changes = read_state_file(config.process.state_file)
         self.monitor = Monitor(self.control_dir, lambda: list(self.workers))
         self.notifier = Notifier()  # systemd's notify socket, when NOTIFY_SOCKET is set
-        # listening sockets systemd (LISTEN_FDS) handed over; kept until gconn exits, so that
-        # every generation serves from them and the port is never closed by gconn
-        self.inherited = activation.inherited_sockets(bound_only=upgrade.is_reservation)
-        self.activated = {}  # str(route bind) -> the inherited socket serving it
-        # started by an upgrade (USR2): the old supervisor's sockets become ours, and we stay
-        # silent to systemd until the old one has made us its main process
-        self.inherited, slots, reservations, self.admin_socket = upgrade.adopt(self.inherited)
-        self.slot_listeners.update(slots)
-        self.reservations.update(reservations)
+        # sockets handed over at start: systemd's (LISTEN_FDS), and when an upgrade (USR2)
+        # started us the old supervisor's, which become ours; we then stay silent to systemd
+        # until the old one has made us its main process
+        inherited, slots, reservations, self.admin_socket = upgrade.adopt(
+            activation.inherited_sockets(bound_only=upgrade.is_reservation))
+        self.bindings = Bindings(inherited, slots, reservations)  # the routes' addresses
         self.upgrade_channel = upgrade.channel_from_environment()  # to the old supervisor
         if self.upgrade_channel is not None:
             self.notifier.mute()
         self.upgrading = None  # (pid, socket pair end) of the new supervisor USR2 started
 
     # --- start -----------------------------------------------------------------------------
-
-    def reserve_addresses(self, config):
-        """Bind every TCP route address once (no listen) to learn port-0 ports and fail early
-        on an address in use; return the config with every port fixed."""
-        config, activated = self.take_inherited(config)
-        routes = []
-        wanted = {reservation_key(route) for route in config.routes
-                  if str(route.bind) not in activated}
-        for key in [key for key in self.reservations if key not in wanted]:
-            self.release_reservation(key)  # a route removed or moved by a reload
-        for route in config.routes:
-            if str(route.bind) in activated:
-                pass
-            elif route.bind.family == "tcp":
-                key = reservation_key(route)
-                holder = self.reservations.get(key)
-                if holder is None:
-                    holder = listen(route.bind, 1, reuse_port=True, listening=False)
-                    self.reservations[key] = holder
-                port = holder.getsockname()[1]
-                route = dataclasses.replace(route, bind=dataclasses.replace(route.bind, port=port))
-            elif str(route.bind) not in self.reservations:
-                # one listening unix socket, made here and inherited by every worker
-                self.reservations[str(route.bind)] = listen(route.bind, route.backlog)
-            routes.append(route)
-        self.activated = activated
-        return dataclasses.replace(config, routes=tuple(routes))
-
-    def take_inherited(self, config):
-        """(``config`` with each route that an inherited socket serves bound to that socket's
-        address, {str(address): socket} of those); an inherited socket no route takes is
-        logged."""
-        taken = activation.match(config.routes, self.inherited)
-        for entry in activation.unmatched(config.routes, self.inherited):
-            LOGGER.warning("inherited socket name=%s address=%s matches no route: unused",
-                           entry.name, entry.address)
-        routes, activated = [], {}
-        for route in config.routes:
-            entry = taken.get(route.name)
-            if entry is not None:
-                route = dataclasses.replace(route, bind=entry.address)
-                LOGGER.info("route=%s serves the inherited socket name=%s address=%s",
-                            route.name, entry.name, entry.address)
-                activated[str(entry.address)] = entry.socket
-            routes.append(route)
-        return dataclasses.replace(config, routes=tuple(routes)), activated
-
-    def release_reservation(self, key):
-        """Close a reserved address (and remove a unix socket's file)."""
-        holder = self.reservations.pop(key)
-        holder.close()
-        if key.startswith("unix:"):
-            try:
-                os.unlink(key[len("unix:"):])
-            except OSError:
-                pass
 
     def check_capacity(self, config):
         """Log each capacity and certificate warning for ``config`` (``capacity_warnings``,
@@ -290,7 +219,7 @@ class Supervisor:
 
     def run(self):
         """Start the workers, then dispatch signals and tend workers until stopped."""
-        self.config = self.reserve_addresses(self.config)
+        self.config = self.bindings.reserve(self.config)
         self.prune_slot_listeners()  # an upgrade's sockets for worker indexes we do not have
         self.check_capacity(self.config)
         self.metrics_dir = metrics.setup()  # before any fork: workers inherit the metrics
@@ -372,7 +301,7 @@ class Supervisor:
         self.notifier.reloading()
         try:
             config, _ = load(self.argv)
-            config = self.reserve_addresses(config)
+            config = self.bindings.reserve(config)
             log.setup(config.process)
         except (ConfigError, StartupError) as error:
             LOGGER.error("reload failed, keeping the running config: %s", error)
@@ -452,9 +381,9 @@ class Supervisor:
             LOGGER.warning("upgrade ignored: %s", "one is under way" if self.upgrading
                            else "stopping")
             return
-        sockets = upgrade.handover(self.slot_listeners, self.reservations,
+        sockets = upgrade.handover(self.bindings.slot_listeners, self.bindings.reservations,
                                    self.admin.socket if self.admin is not None else None,
-                                   self.inherited)
+                                   self.bindings.inherited)
         try:
             pid, channel = upgrade.spawn(self.argv or [], sockets, self.notifier.environment(),
                                          HELD_SIGNALS)
@@ -488,12 +417,7 @@ class Supervisor:
         if self.admin is not None:  # the new supervisor answers on the same socket
             self.admin.stop()
             self.admin = None
-        for holder in self.reservations.values():  # closed, not released: unix paths stay
-            holder.close()
-        self.reservations.clear()
-        for listener in self.slot_listeners.values():
-            listener.close()
-        self.slot_listeners.clear()
+        self.bindings.give_up()  # the new supervisor holds them now
         self.stopping = True
         self.outgoing.clear()
         workers = [w for w in self.workers.values() if not w.retiring]
@@ -589,10 +513,7 @@ class Supervisor:
             signum, grace = signal.SIGQUIT, KILL_GRACE
         self.notifier.stopping()
         self.stopping = True
-        for key in list(self.reservations):
-            self.release_reservation(key)
-        for key in list(self.slot_listeners):
-            self.slot_listeners.pop(key).close()
+        self.bindings.release_all()
         self.outgoing.clear()
         self.retire(list(self.workers.values()), signum, grace)
 
@@ -645,52 +566,15 @@ class Supervisor:
                 continue
             self.spawn_worker(index)
 
-    def listeners_for(self, index):
-        """Worker ``index``'s listening sockets of the TCP routes (str(bind) -> socket): made
-        on first use, then kept across generations and replacements, their options and
-        backlog brought to the current config.  StartupError when the OS refuses one."""
-        listeners = {}
-        for route in self.config.routes:
-            name = str(route.bind)
-            if name in listeners:  # shared by server name
-                continue
-            if name in self.activated:  # one socket for every worker (socket activation)
-                listener = self.activated[name]
-                if route.bind.family == "tcp":
-                    for option in keepalive_options(route, switch_off=True):
-                        listener.setsockopt(*option)
-                listeners[name] = listener
-                continue
-            if route.bind.family != "tcp":
-                continue
-            key = (name, index)
-            listener = self.slot_listeners.get(key)
-            if listener is None:
-                listener = listen(route.bind, route.backlog, reuse_port=True,
-                                  options=keepalive_options(route))
-                self.slot_listeners[key] = listener
-            else:  # a reload may have changed them; accepted sockets inherit them
-                for option in keepalive_options(route, switch_off=True):
-                    listener.setsockopt(*option)
-                listener.listen(route.backlog)
-            listeners[name] = listener
-        return listeners
-
     def prune_slot_listeners(self, index=None):
-        """Close the kept listening sockets no worker of the current config will take over
-        (a route gone or moved, a worker index beyond ``workers``), or worker ``index``'s."""
-        binds = {str(route.bind) for route in self.config.routes}
-        count = self.worker_target()
-        for key in list(self.slot_listeners):
-            name, number = key
-            if name not in binds or name in self.activated or number >= count \
-                    or number == index:
-                self.slot_listeners.pop(key).close()
+        """Close the kept listening sockets no current worker will take over (a route gone
+        or moved, a worker index beyond the count), or worker ``index``'s."""
+        self.bindings.prune(self.config, self.worker_target(), index)
 
     def spawn_worker(self, index):
         """Fork one worker; the child never returns from here."""
         try:
-            listeners = self.listeners_for(index)
+            listeners = self.bindings.listeners_for(self.config, index)
         except StartupError as error:
             LOGGER.error("worker %d not started: %s; retrying", index, error)
             self.restart_after[index] = time.monotonic() + RESTART_BACKOFF_MAX
@@ -730,18 +614,7 @@ class Supervisor:
             for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2):  # the
                 signal.signal(signum, signal.SIG_IGN)  # supervisor's; they would stop or end it
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # TERM now: default exit
-            listeners = dict(listeners)
-            for key, holder in self.reservations.items():
-                if key.startswith("unix:"):
-                    listeners[key] = holder  # the shared unix listener
-                else:
-                    holder.close()  # the port reservation stays with the supervisor
-            for listener in self.slot_listeners.values():  # the other workers' stay theirs
-                if listener not in listeners.values():
-                    listener.close()
-            for entry in self.inherited:  # an inherited socket no route serves
-                if entry.socket not in listeners.values():
-                    entry.socket.close()
+            listeners = self.bindings.for_worker(listeners)  # the rest closed here
             if self.admin is not None:
                 self.admin.abandon()  # the admin endpoint is the supervisor's alone
             checked = self.monitor.state()
