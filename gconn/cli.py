@@ -15,16 +15,16 @@ import sys  # noqa: E402
 import gevent  # noqa: E402
 
 from . import log  # noqa: E402
-from .config import load  # noqa: E402
-from .errors import EXIT_CONFIG, EXIT_RUNTIME, ConfigError, StartupError  # noqa: E402
-from .sockets import raise_open_files_limit  # noqa: E402
-from .supervisor import (  # noqa: E402
-    Supervisor,
+from .capacity import (  # noqa: E402
     capacity,
     capacity_warnings,
     certificate_warnings,
     worker_count,
 )
+from .config import load  # noqa: E402
+from .errors import EXIT_CONFIG, EXIT_RUNTIME, ConfigError, StartupError  # noqa: E402
+from .sockets import raise_open_files_limit  # noqa: E402
+from .supervisor import Supervisor  # noqa: E402
 
 LOGGER = logging.getLogger("gconn")
 LIBEV_BACKENDS = ("epoll", "poll", "select")

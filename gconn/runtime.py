@@ -7,10 +7,13 @@ restart, is handed all of it before it serves.  Here a change is applied to the 
 routes: ``drain`` takes no new connection, live ones go on; ``maint`` takes none either and,
 after ``grace`` seconds, ends the live connections to that destination (``end=maint``, from
 each connection's own greenlet: it is killed with ``Maintenance``); ``ready`` serves again;
-``weight`` replaces the configured weight.
+``weight`` replaces the configured weight.  ``read_state_file`` and ``write_state_file`` are
+the supervisor's side: the changes kept in state-file across restarts.
 """
 
+import json
 import logging
+import os
 
 import gevent
 from gevent import GreenletExit
@@ -85,3 +88,37 @@ def unblock(routes, route_name, host):
         if route.name == route_name:
             return route.blocker.unblock(host)
     raise UnknownTarget(f"no route {route_name}")
+
+
+def read_state_file(path):
+    """The runtime changes kept in ``path`` ({(route, destination): change}); nothing when
+    there is no such file yet (or ``path`` is empty).  A file that is not gconn's state is
+    ignored with a warning, never fatal."""
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as stream:
+            entries = json.load(stream)
+        return {(entry["route"], entry["destination"]):
+                {key: entry[key] for key in ("state", "weight") if key in entry}
+                for entry in entries}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        LOGGER.warning("state-file %s not read (%s): starting without runtime states", path,
+                       error)
+        return {}
+
+
+def write_state_file(path, changes):
+    """Keep ``changes`` in ``path`` (written to a temporary file, then renamed over it)."""
+    if not path:
+        return
+    entries = [{"route": route, "destination": destination, **change}
+               for (route, destination), change in sorted(changes.items())]
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as stream:
+            json.dump(entries, stream, indent=1)
+        os.replace(path + ".tmp", path)
+    except OSError as error:
+        LOGGER.error("state-file %s not written: %s", path, error.strerror)

@@ -14,9 +14,7 @@ own to the next supervisor on USR2 (upgrade.py).
 """
 
 import dataclasses
-import datetime
 import errno
-import json
 import logging
 import os
 import shutil
@@ -27,17 +25,17 @@ import time
 import gevent
 from gevent.queue import Empty, Queue
 
-from . import activation, control, log, metrics, upgrade
+from . import activation, control, log, metrics, runtime, upgrade
 from .admin import Admin
 from .bindings import Bindings
+from .capacity import capacity_warnings, certificate_warnings, worker_count
 from .config import load
 from .errors import ConfigError, StartupError
 from .fleet import Fleet, Roster
 from .heartbeat import Heartbeats
 from .monitor import Monitor
 from .notify import Notifier
-from .protocols import tls
-from .sockets import connections_per_process, raise_open_files_limit
+from .sockets import raise_open_files_limit
 from .worker import worker_process
 
 LOGGER = logging.getLogger("gconn.supervisor")
@@ -50,7 +48,6 @@ RESTART_BACKOFF_MAX = 10.0  # the longest wait between restarts of a worker that
 # comes within this many seconds; a worker kept down longer (dying young again and again)
 # has them closed, so that new clients go to the other workers
 HOLD_FOR_REPLACEMENT = 1.0
-EXPIRY_WARNING = datetime.timedelta(days=7)  # a certificate closer to its end is logged
 YOUNG = 5.0  # seconds: a worker that dies younger than this counts towards backoff
 KILL_GRACE = 5.0  # seconds between TERM and KILL for a worker that overruns its drain
 # a worker whose heartbeat is older than this withholds systemd's watchdog ping (workers stamp
@@ -59,90 +56,6 @@ HEARTBEAT_LATE = 3.0
 UPGRADE_ANSWER = 10.0  # seconds a new supervisor waits for the old one to hand over
 SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "TTIN", "TTOU", "CHLD")
 HELD_SIGNALS = {getattr(signal, f"SIG{name}") for name in SIGNALS if name != "CHLD"}
-
-
-def capacity(open_files_limit, workers):
-    """How many forwarded connections ``workers`` processes can hold."""
-    return connections_per_process(open_files_limit) * workers
-
-
-def workers_needed(connections, open_files_limit):
-    """The fewest workers that can hold ``connections`` forwarded connections."""
-    return -(-connections // connections_per_process(open_files_limit))
-
-
-def worker_count(config):
-    """The configured number of workers; 0 means one per CPU core."""
-    return config.process.workers or os.cpu_count() or 1
-
-
-def certificate_warnings(config, now=None):
-    """Each terminating route's certificate that has expired or ends within EXPIRY_WARNING,
-    one sentence each: logged once at start and reload (not by every worker)."""
-    now = now or datetime.datetime.now(datetime.UTC)
-    warnings = []
-    for route in config.routes:
-        for path in route.tls_cert:
-            left = tls.expiry(path) - now
-            if left < EXPIRY_WARNING:
-                warnings.append(f"route={route.name} certificate {path} " + (
-                    "has expired" if left.total_seconds() < 0
-                    else f"expires in {left.days} days"))
-    return warnings
-
-
-def capacity_warnings(config, open_files_limit):
-    """What ``config`` asks for that its workers cannot give, one sentence each (empty when it
-    fits): the supervisor logs these at start and reload, ``--check-config`` prints them."""
-    workers = worker_count(config)
-    wanted = sum(route.max_connections for route in config.routes)
-    held = capacity(open_files_limit, workers)
-    warnings = []
-    if wanted > held:
-        warnings.append(
-            f"max-connections over all routes is {wanted} but {workers} workers with an "
-            f"open-files limit of {open_files_limit} hold at most {held}; set workers = "
-            f"{workers_needed(wanted, open_files_limit)} to reach it")
-    for route in config.routes:
-        if route.max_connections < workers:
-            warnings.append(
-                f"route={route.name} max-connections {route.max_connections} is below the "
-                f"{workers} workers: each worker serves at most 1, so up to {workers} at once")
-    return warnings
-
-
-def read_state_file(path):
-    """The runtime changes kept in ``path`` ({(route, destination): change}); nothing when
-    there is no such file yet (or ``path`` is empty).  A file that is not gconn's state is
-    ignored with a warning, never fatal."""
-    if not path:
-        return {}
-    try:
-        with open(path, encoding="utf-8") as stream:
-            entries = json.load(stream)
-        return {(entry["route"], entry["destination"]):
-                {key: entry[key] for key in ("state", "weight") if key in entry}
-                for entry in entries}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        LOGGER.warning("state-file %s not read (%s): starting without runtime states", path,
-                       error)
-        return {}
-
-
-def write_state_file(path, changes):
-    """Keep ``changes`` in ``path`` (written to a temporary file, then renamed over it)."""
-    if not path:
-        return
-    entries = [{"route": route, "destination": destination, **change}
-               for (route, destination), change in sorted(changes.items())]
-    try:
-        with open(path + ".tmp", "w", encoding="utf-8") as stream:
-            json.dump(entries, stream, indent=1)
-        os.replace(path + ".tmp", path)
-    except OSError as error:
-        LOGGER.error("state-file %s not written: %s", path, error.strerror)
 
 
 def describe_exit(code):
@@ -195,7 +108,7 @@ class Supervisor:
         # destination states and weights set at runtime: (route, destination) -> {"state",
         # "weight"}; they win over the config until set again, survive reloads, and are
         # handed to every worker started later (and kept in state-file, if set)
-        self.changes = read_state_file(config.process.state_file)
+        self.changes = runtime.read_state_file(config.process.state_file)
         self.monitor = Monitor(self.control_dir, lambda: list(self.workers))
         self.notifier = Notifier()  # systemd's notify socket, when NOTIFY_SOCKET is set
         # sockets handed over at start: systemd's (LISTEN_FDS), and when an upgrade (USR2)
@@ -473,7 +386,7 @@ class Supervisor:
             change["state"] = state
         if weight is not None:
             change["weight"] = weight
-        write_state_file(self.config.process.state_file, self.changes)
+        runtime.write_state_file(self.config.process.state_file, self.changes)
         command = (f"set {route_name} {destination_name} {state or '-'} "
                    f"{'-' if weight is None else weight} {grace:g}")
         return self.tell_workers(command)

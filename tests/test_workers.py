@@ -16,8 +16,8 @@ import psutil
 import pytest
 from conftest import Daemon, connect, echo_roundtrip, which_tag
 
+from gconn.capacity import capacity, workers_needed
 from gconn.heartbeat import Heartbeats
-from gconn.supervisor import capacity, workers_needed
 
 STREAM = 4 * 1024 * 1024  # bytes each verified stream sends in two halves
 
