@@ -214,6 +214,31 @@ def echo_roundtrip(port, data, timeout=60.0):
         return digest.hexdigest(), received
 
 
+class AcceptLoop:
+    """A loopback listener on 127.0.0.1 whose thread hands each accepted connection to
+    ``accepted`` (a subclass's) until ``close``."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self.listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted(connection)
+
+    def accepted(self, connection):
+        raise NotImplementedError
+
+    def close(self):
+        self.listener.close()
+
+
 class TagServer:
     """A thread-based backend on ``host`` that sends its name on connect, then echoes; can be
     restarted."""
@@ -315,7 +340,7 @@ def blackhole():
 
 # TLS peers ------------------------------------------------------------------------------------
 
-class TlsEcho:
+class TlsEcho(AcceptLoop):
     """A TLS server on 127.0.0.1 for ``names``: after the handshake it sends its tag line,
     then echoes every byte until the client half-closes."""
 
@@ -327,19 +352,10 @@ class TlsEcho:
         if client_ca is not None:  # require a client certificate from this CA
             client_ca.configure_trust(self.context)
             self.context.verify_mode = ssl.CERT_REQUIRED
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self.serve, daemon=True).start()
+        super().__init__()
 
-    def serve(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.echo, args=(client,), daemon=True).start()
+    def accepted(self, client):
+        threading.Thread(target=self.echo, args=(client,), daemon=True).start()
 
     def echo(self, client):
         try:
@@ -350,9 +366,6 @@ class TlsEcho:
                     tls.sendall(data)
         except (OSError, ssl.SSLError):
             pass
-
-    def close(self):
-        self.listener.close()
 
 
 @pytest.fixture

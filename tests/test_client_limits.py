@@ -10,7 +10,7 @@ import subprocess
 import threading
 import urllib.request
 
-from conftest import connect, free_port
+from conftest import AcceptLoop, connect, free_port
 from hypothesis import given
 from hypothesis import strategies as st
 from test_shedding import bound_client, read_to_end
@@ -187,27 +187,20 @@ def test_deny_from_checks_the_client_a_proxy_header_names(start_echo, start_daem
         assert client.recv(10) == b"hello"
 
 
-class HalfCloser:
+class HalfCloser(AcceptLoop):
     """A destination that reads what comes (its SHA-256 kept) and, per connection, either
     sends ``reply`` then ends its side, or never sends nor closes (until ``close``); the end
     of what each connection sent is recorded (``ended``)."""
 
     def __init__(self, reply=None):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.reply = reply
         self.digests = []
         self.ended = threading.Event()
         self.closing = threading.Event()
-        threading.Thread(target=self.serve, daemon=True).start()
+        super().__init__()
 
-    def serve(self):
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.handle, args=(connection,), daemon=True).start()
+    def accepted(self, connection):
+        threading.Thread(target=self.handle, args=(connection,), daemon=True).start()
 
     def handle(self, connection):
         with connection:
@@ -227,7 +220,7 @@ class HalfCloser:
 
     def close(self):
         self.closing.set()
-        self.listener.close()
+        super().close()
 
 
 def test_client_fin_timeout_closes_a_half_closed_connection(start_daemon):

@@ -7,7 +7,6 @@ checks run once per gconn whatever the workers; a destination's own check option
 import http.server
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import TagServer, connect, free_port, which_tag
+from conftest import AcceptLoop, TagServer, connect, free_port, which_tag
 from test_shedding import read_to_end
 
 
@@ -159,34 +158,23 @@ def test_send_expect_needs_a_pattern():
     assert result.returncode == 2 and "check-expect" in result.stderr
 
 
-class CountingServer:
+class CountingServer(AcceptLoop):
     """Accepts and closes at once, counting the connections (health checks) it saw."""
 
     def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.count = 0
         self.changed = threading.Condition()
-        threading.Thread(target=self.serve, daemon=True).start()
+        super().__init__()
 
-    def serve(self):
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            connection.close()
-            with self.changed:
-                self.count += 1
-                self.changed.notify_all()
+    def accepted(self, connection):
+        connection.close()
+        with self.changed:
+            self.count += 1
+            self.changed.notify_all()
 
     def wait_count(self, count, timeout=30):
         with self.changed:
             assert self.changed.wait_for(lambda: self.count >= count, timeout), self.count
-
-    def close(self):
-        self.listener.close()
-
 
 def status(daemon):
     with urllib.request.urlopen(f"http://{daemon.admin}/status", timeout=10) as response:
