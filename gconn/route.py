@@ -23,7 +23,7 @@ from .local import ConnectionContext
 from .log import log_access
 from .protocols import proxy, refusal, tls
 from .protocols.sni import ServerNames
-from .session import Session
+from .session import Session, SessionGreenlet
 from .sockets import bound_address, client_host, keepalive_options, listen, peer_name
 
 LOGGER = logging.getLogger("gconn.route")
@@ -64,7 +64,8 @@ class Route:
         # the acceptor cannot know the client yet (behind a balancer) or its route (by name)
         self.checks_host_later = self.reads_proxy
         # the forwarding pool; a shared bind's first route holds every route's greenlets
-        self.pool = Pool(pool_size or config.max_connections + config.max_queued)
+        self.pool = Pool(pool_size or config.max_connections + config.max_queued,
+                         greenlet_class=SessionGreenlet)
         # greenlets refusing clients shed in the accept path whose refusal needs a reply
         self.refusals = Pool(REFUSALS) if config.protocol in refusal.READS_FIRST else None
         self.accept_pauses = 0  # times accepting paused for descriptors (admin: accept_pauses)

@@ -16,6 +16,7 @@ import gevent.local
 import psutil
 import pytest
 from gevent.event import Event
+from gevent.pool import Pool
 
 from gconn.local import (
     PHASES,
@@ -28,6 +29,7 @@ from gconn.local import (
     set_current,
     set_error,
 )
+from gconn.session import SessionGreenlet
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -188,6 +190,25 @@ def test_plain_spawn_inside_a_session_sees_the_nearest_ancestor_context():
         return grandchild_context is context
 
     assert _in_greenlet(session)
+
+
+def test_a_session_greenlet_keeps_its_spawner_but_no_spawning_stack():
+    """The forwarding pool's greenlets (SessionGreenlet) record no spawning stack (about 240
+    bytes a connection that says nothing), yet a child of one still answers with the
+    session's context: the spawner link local.current() walks is kept."""
+
+    def session():
+        context = ConnectionContext(5, "web", None)
+        set_current(context)
+        return gevent.spawn(current).get() is context
+
+    pool = Pool(1, greenlet_class=SessionGreenlet)
+    plain = gevent.spawn(lambda: None)
+    greenlet = pool.spawn(session)
+    assert greenlet.get(timeout=5) is True
+    assert plain.spawning_stack is not None  # gevent's default, which this class turns off
+    assert greenlet.spawning_stack is None
+    assert greenlet.spawning_greenlet() is gevent.getcurrent()
 
 
 def test_own_binding_wins_over_the_ancestor_and_unbinding_restores_it():

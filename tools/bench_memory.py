@@ -1,8 +1,8 @@
 """What one idle forwarded connection costs in a worker's memory, and how much of it is its
 greenlet: RSS per connection for N connections parked in three ways, in one process.
 
-- ``greenlet``: a bare gevent.Greenlet per connection parked in ``hub.switch()`` (the price of
-  the contract alone);
+- ``greenlet``: a bare greenlet of the kind gconn spawns per connection (session.SessionGreenlet,
+  a gevent.Greenlet) parked in ``hub.switch()`` (the price of the contract alone);
 - ``pump``: gconn's Pump (two flows, two read watchers) parked in its forwarding loop in one
   Greenlet per connection, over a pair of connected loopback socket pairs;
 - the sockets themselves are made first and are the baseline (their memory is the kernel's).
@@ -30,6 +30,7 @@ from gevent.hub import get_hub  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
 
 from gconn.forward import Pump  # noqa: E402
+from gconn.session import SessionGreenlet  # noqa: E402
 from gconn.sockets import process_usage, raise_open_files_limit  # noqa: E402
 
 
@@ -70,7 +71,7 @@ def park_pump(pair):
 def measure(count, body):
     """RSS bytes per connection for ``count`` greenlets running ``body`` over socket pairs."""
     pairs, kept = socket_pairs(count)
-    pool = Pool(count)
+    pool = Pool(count, greenlet_class=SessionGreenlet)
     before = resident()
     for pair in pairs:
         pool.spawn(body, pair)
